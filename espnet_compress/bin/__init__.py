@@ -1,0 +1,1 @@
+"""Command-line entry points (run with ``python -m espnet_compress.bin.<name>``)."""

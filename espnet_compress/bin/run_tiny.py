@@ -1,0 +1,63 @@
+"""Run the tiny spoken_commands pipeline end to end and print the comparison table.
+
+Usage::
+
+    python -m espnet_compress.bin.run_tiny --out_dir exp/tiny
+    python -m espnet_compress.bin.run_tiny --out_dir /tmp/t --num_train 40 --num_dev 8 --num_test 8 \
+        --system small=my_small.yaml --baseline small --train_arg=--max_epoch --train_arg=1
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from espnet_compress.pipeline.tiny import DEFAULT_SYSTEMS, TinyRunConfig, run_tiny
+
+
+def _system(value: str) -> Tuple[str, Path]:
+    name, sep, config = value.partition("=")
+    if not sep or not name or not config:
+        raise argparse.ArgumentTypeError(f"expected NAME=CONFIG.yaml, got '{value}'")
+    return name, Path(config)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", type=Path, default=Path("exp/tiny"))
+    p.add_argument("--system", type=_system, action="append", dest="systems",
+                   help="NAME=TRAIN_CONFIG (repeatable); default: stock conformer and elastic_conformer")
+    p.add_argument("--baseline", default=None, help="system the others are tested against (default: first)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_train", type=int, default=2000)
+    p.add_argument("--num_dev", type=int, default=150)
+    p.add_argument("--num_test", type=int, default=300)
+    p.add_argument("--nj", type=int, default=2, help="parallel corpus/decode jobs")
+    p.add_argument("--train_arg", action="append", default=[], dest="train_args",
+                   help="extra asr_train argument, e.g. --train_arg=--max_epoch --train_arg=3")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    systems = args.systems or list(DEFAULT_SYSTEMS)
+    cfg = TinyRunConfig(
+        out_dir=args.out_dir, systems=systems, baseline=args.baseline or systems[0][0], seed=args.seed,
+        num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test, nj=args.nj,
+        train_args=args.train_args,
+    )
+    try:
+        table = run_tiny(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"run_tiny: {err}", file=sys.stderr)
+        return 2
+    print(table.to_markdown())
+    print(f"report: {Path(args.out_dir) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

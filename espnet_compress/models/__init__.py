@@ -1,0 +1,1 @@
+"""ASR models registered into ESPnet's ``model_choices`` (subclasses of ``ESPnetASRModel``)."""

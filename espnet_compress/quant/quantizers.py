@@ -1,0 +1,202 @@
+"""Weight quantizers: small modules that fake-quantize a weight tensor at a switchable bit width.
+
+One quantizer object serves every precision of the weight it guards (``set_bits``), because the
+nested, mixed-precision and one-bit methods all evaluate the *same* weights at several precisions.
+Each quantizer can also ``encode`` a weight to integer codes plus scales (what a packed checkpoint
+stores) and ``decode`` them back; fake quantization in training is ``decode(encode(w))`` with a
+straight-through estimator (STE), so a packed model computes what the QAT model computed.
+
+Grids (``n`` bits, ``q = 2**(n-1) - 1``):
+
+* symmetric uniform, n in {2, 3, 4, 5, 6, 8}: levels ``s * {0, +-1, ..., +-q}`` with step
+  ``s = beta / q`` and ``beta = max|W|`` (per tensor, or per output channel). This is eq. 5-6 of the
+  lossless 4-bit Conformer paper, whose table is written ``beta * {0, +-1, ..., +-(2^(n-1)-1)}`` with
+  ``beta = max|W|``; read literally the largest level would be ``q * max|W|``, so we read beta as the
+  range the grid spans (identical for n = 2, ternary ``beta * {-1, 0, 1}``).
+* 1 bit: ``sign(W) * alpha`` with ``alpha = mean|W|`` (the L1-optimal binary scale), sign(0) = +1.
+* learned scale (LSQ-style), any supported n: one learnable tensor-wise step per bit width, used by
+  the one-bit method; gradient of the step as in LSQ, scaled by ``1/sqrt(numel * q)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Tuple
+
+import torch
+
+#: Bit widths a weight can be quantized to (0 = full precision, no quantizer effect).
+SUPPORTED_BITS: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+
+
+class UnsupportedBitWidth(ValueError):
+    """A bit width the quantizers do not implement; the message lists the allowed ones."""
+
+
+def check_bits(bits: int, where: str = "") -> int:
+    """Validate a bit width (0 = full precision) and return it."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or (bits != 0 and bits not in SUPPORTED_BITS):
+        place = f" for {where}" if where else ""
+        raise UnsupportedBitWidth(
+            f"unsupported bit width {bits!r}{place}; allowed: {list(SUPPORTED_BITS)} (0 = full precision)"
+        )
+    return bits
+
+
+def qmax(bits: int) -> int:
+    """Largest integer code of the symmetric n-bit grid (1 for both binary and ternary)."""
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+def _ste(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """Forward ``w_hat``, backward identity to ``w`` (straight-through estimator)."""
+    return w + (w_hat - w).detach()
+
+
+def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-output-channel vector to broadcast against a Linear/Conv weight."""
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class WeightQuantizer(torch.nn.Module):
+    """Base class: precision switchable at run time; ``bits == 0`` passes the weight through."""
+
+    def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS) -> None:
+        super().__init__()
+        self.bit_choices = tuple(sorted({check_bits(b) for b in bit_choices if b}))
+        self.bits = 0
+
+    def set_bits(self, bits: int) -> None:
+        check_bits(bits)
+        if bits and bits not in self.bit_choices:
+            raise UnsupportedBitWidth(
+                f"{type(self).__name__} was built for bit widths {list(self.bit_choices)}, not {bits}"
+            )
+        self.bits = bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits == 0:
+            return w
+        return self.fake_quantize(w, self.bits)
+
+    def fake_quantize(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        codes, scale = self.encode(w, bits)
+        return _ste(w, self.decode(codes, scale, w))
+
+    def encode(self, w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes in ``[-qmax, qmax]`` (int8) and the float scale (step) to multiply them by."""
+        raise NotImplementedError
+
+    @staticmethod
+    def decode(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Dequantize: codes times scale (a scalar, or one scale per output channel)."""
+        s = scale if scale.dim() == 0 else _channel_view(scale, like)
+        return codes.to(s.dtype) * s
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, bit_choices={list(self.bit_choices)}"
+
+
+class MaxScaleQuantizer(WeightQuantizer):
+    """Symmetric uniform (n >= 2) and sign (n = 1) quantizer whose scale follows the weight.
+
+    No learnable state: the scale is recomputed from the weight on every call and treated as a
+    constant by autograd (the usual QAT choice), so a checkpoint of this quantizer is the fp weight.
+    """
+
+    def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS, per_channel: bool = False) -> None:
+        super().__init__(bit_choices)
+        self.per_channel = per_channel
+
+    def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        if not self.per_channel:
+            return getattr(x, op)()
+        flat = x.reshape(x.shape[0], -1)
+        return flat.amax(dim=1) if op == "max" else flat.mean(dim=1)
+
+    def encode(self, w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        w = w.detach()
+        if bits == 1:
+            scale = self._reduce(w.abs(), "mean")
+            codes = torch.where(w >= 0, 1, -1).to(torch.int8)
+            return codes, scale
+        q = qmax(bits)
+        beta = self._reduce(w.abs(), "max")
+        scale = torch.where(beta > 0, beta / q, torch.ones_like(beta))
+        s = scale if scale.dim() == 0 else _channel_view(scale, w)
+        codes = torch.clamp(torch.round(w / s), -q, q).to(torch.int8)
+        return codes, scale
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", per_channel={self.per_channel}"
+
+
+class _LsqRound(torch.autograd.Function):
+    """LSQ: forward ``s * clamp(round(w/s))``; backward STE for ``w`` inside the range and the LSQ
+    step gradient for ``s`` (``round(v) - v`` inside, ``+-q`` outside), scaled by ``g``."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, bits: int, g: float) -> torch.Tensor:
+        v = w / s
+        q = qmax(bits)
+        if bits == 1:
+            code = torch.where(v >= 0, 1.0, -1.0).to(w.dtype)
+            inside = v.abs() <= 1
+        else:
+            code = torch.clamp(torch.round(v), -q, q)
+            inside = v.abs() <= q
+        ctx.save_for_backward(v, code, inside)
+        ctx.g = g
+        return code * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, code, inside = ctx.saved_tensors
+        grad_w = grad * inside.to(grad.dtype)
+        ds = torch.where(inside, code - v, code)
+        grad_s = (grad * ds).sum() * ctx.g
+        return grad_w, grad_s.reshape(()), None, None
+
+
+class LearnedScaleQuantizer(WeightQuantizer):
+    """Tensor-wise learnable step per bit width (LSQ-style), as in the one-bit ASR method.
+
+    Steps are parameters named ``step_<n>bit`` so an optimizer trains them with the weights.
+    They are initialised from the weight on the first forward (after any checkpoint was loaded):
+    ``mean|W|`` for 1 bit, ``2 mean|W| / sqrt(q)`` otherwise (the LSQ initialisation).
+    """
+
+    def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS) -> None:
+        super().__init__(bit_choices)
+        self.steps = torch.nn.ParameterDict(
+            {f"step_{b}bit": torch.nn.Parameter(torch.tensor(1.0)) for b in self.bit_choices}
+        )
+        self.register_buffer("initialized", torch.zeros(len(self.bit_choices), dtype=torch.bool))
+
+    def step(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        idx = self.bit_choices.index(bits)
+        p = self.steps[f"step_{bits}bit"]
+        if not bool(self.initialized[idx]):
+            with torch.no_grad():
+                m = w.detach().abs().mean()
+                p.copy_(m if bits == 1 else 2 * m / math.sqrt(qmax(bits)))
+                p.clamp_(min=1e-8)
+                self.initialized[idx] = True
+        return p
+
+    def fake_quantize(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        s = self.step(w, bits)
+        g = 1.0 / math.sqrt(w.numel() * qmax(bits))
+        return _LsqRound.apply(w, s, bits, g)
+
+    def encode(self, w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        s = self.step(w, bits).detach()
+        v = w.detach() / s
+        if bits == 1:
+            codes = torch.where(v >= 0, 1, -1)
+        else:
+            q = qmax(bits)
+            codes = torch.clamp(torch.round(v), -q, q)
+        return codes.to(torch.int8), s.clone()
+
+
+QUANTIZERS: Dict[str, type] = {"max": MaxScaleQuantizer, "lsq": LearnedScaleQuantizer}

@@ -1,0 +1,113 @@
+"""A few dozen utterances through the whole pipeline: stock ESPnet programs train, decode, score.
+
+Trains the stock ``conformer`` and our ``elastic_conformer`` with identical tiny configs and the
+same seed: with the default plan the elastic encoder is the stock encoder, so the two trainings
+must produce the same weights and the same hypotheses.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from espnet_compress.pipeline.tiny import CONF_DIR, TinyRunConfig, run_tiny
+from tests.conftest import run_python
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_config(tmp: Path, encoder: str) -> Path:
+    conf = yaml.safe_load((CONF_DIR / "train_asr_conformer_tiny.yaml").read_text())
+    conf["encoder"] = encoder
+    conf["encoder_conf"].update(output_size=32, attention_heads=2, linear_units=64, num_blocks=2)
+    conf["decoder_conf"].update(attention_heads=2, linear_units=64, num_blocks=1)
+    conf.update(max_epoch=2, batch_bins=200000, num_workers=0, use_tensorboard=False)
+    path = tmp / f"{encoder}.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = TinyRunConfig(
+        out_dir=tmp / "exp",
+        systems=[("conformer", _tiny_config(tmp, "conformer")),
+                 ("elastic_conformer", _tiny_config(tmp, "elastic_conformer"))],
+        baseline="conformer", num_train=40, num_dev=8, num_test=12, nj=2,
+    )
+    table = run_tiny(cfg)
+    return cfg, table
+
+
+def test_report_and_table(tiny_run):
+    cfg, table = tiny_run
+    out = Path(cfg.out_dir)
+    assert [r.spec.name for r in table.rows] == ["conformer", "elastic_conformer"]
+    data = json.loads((out / "compare" / "compare.json").read_text())
+    assert data["baseline"] == "conformer"
+    for system in data["systems"]:
+        wer = system["test_sets"]["test"]["wer"]
+        assert wer["num_sentences"] == 12 and wer["num_words"] > 12
+        assert system["checkpoint_bytes"] == Path(system["model_file"]).stat().st_size
+    report = (out / "report.md").read_text()
+    assert "| train:elastic_conformer |" in report and "MAPSSWE" in report
+
+
+def test_stock_programs_trained_our_encoder(tiny_run):
+    cfg, _ = tiny_run
+    out = Path(cfg.out_dir)
+    train_conf = yaml.safe_load((out / "asr_elastic_conformer" / "config.yaml").read_text())
+    assert train_conf["encoder"] == "elastic_conformer"
+    assert "espnet2.bin.asr_train" in (out / "asr_elastic_conformer" / "train.log").read_text().splitlines()[0]
+
+
+def test_elastic_training_equals_stock_training(tiny_run):
+    cfg, table = tiny_run
+    out = Path(cfg.out_dir)
+    stock = torch.load(out / "asr_conformer" / "valid.acc.best.pth", map_location="cpu")
+    elastic = torch.load(out / "asr_elastic_conformer" / "valid.acc.best.pth", map_location="cpu")
+    assert list(stock) == list(elastic)
+    for key in stock:
+        torch.testing.assert_close(elastic[key], stock[key], rtol=1e-4, atol=1e-5, msg=key)
+    hyps = [(Path(r.spec.decode_dir) / "test" / "text").read_text() for r in table.rows]
+    assert hyps[0] == hyps[1]
+
+
+def test_pack_and_speech2text_in_user_code(tiny_run, tmp_path):
+    cfg, table = tiny_run
+    exp = Path(cfg.out_dir) / "asr_elastic_conformer"
+    packed = tmp_path / "model.zip"
+    proc = run_python(["-m", "espnet2.bin.pack", "asr", "--asr_train_config", str(exp / "config.yaml"),
+                       "--asr_model_file", str(exp / "valid.acc.best.pth"), "--outpath", str(packed)],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with zipfile.ZipFile(packed) as zf:
+        zf.extractall(tmp_path / "unpacked")
+        names = zf.namelist()
+    config = next(tmp_path / "unpacked" / n for n in names if n.endswith("config.yaml"))
+    model = next(tmp_path / "unpacked" / n for n in names if n.endswith(".pth"))
+    wav_scp = Path(cfg.out_dir) / "data" / "test" / "wav.scp"
+    utt, wav = wav_scp.read_text().splitlines()[0].split(maxsplit=1)
+    script = (
+        "import soundfile, sys\n"
+        "from espnet2.bin.asr_inference import Speech2Text\n"
+        f"s2t = Speech2Text(asr_train_config={str(config)!r}, asr_model_file={str(model)!r}, "
+        "beam_size=5, ctc_weight=0.3, device='cpu')\n"
+        f"speech, _ = soundfile.read({wav!r})\n"
+        "print(type(s2t.asr_model.encoder).__name__)\n"
+        "print(s2t(speech)[0][0])\n"
+    )
+    proc = run_python(["-c", script], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    encoder_name, text = proc.stdout.rstrip("\n").split("\n")
+    assert encoder_name == "ElasticConformerEncoder"
+    decoded = dict(
+        (ln.split(maxsplit=1) + [""])[:2]
+        for ln in (Path(table.rows[1].spec.decode_dir) / "test" / "text").read_text().splitlines()
+    )
+    assert text == decoded[utt]
