@@ -51,6 +51,7 @@ def _build_args(asr_task, tmp_path, encoder_conf):
     args.frontend = None
     args.normalize = None
     args.specaug = None
+    args.decoder = "transformer"
     args.decoder_conf = {"num_blocks": 1, "linear_units": 16, "attention_heads": 2}
     return args
 

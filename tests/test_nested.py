@@ -1,0 +1,127 @@
+"""The multi-system (all-in-one) model: spec validation, loss, KL stop-gradient, sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from espnet_compress.models.systems import SystemSampler, SystemSpecError
+from tests.test_registration import _build_args
+
+ENC = {"output_size": 32, "attention_heads": 2, "linear_units": 48, "num_blocks": 3, "dropout_rate": 0.0,
+       "positional_dropout_rate": 0.0, "attention_dropout_rate": 0.0, "input_layer": "conv2d",
+       "macaron_style": True, "rel_pos_type": "latest", "pos_enc_layer_type": "rel_pos",
+       "selfattention_layer_type": "rel_selfattn", "cnn_module_kernel": 5,
+       "quant_conf": {"bits": 0, "bit_choices": [4, 8]}}
+SYSTEMS = {"full": {}, "shallow": {"blocks": [0, 2]}, "narrow": {"ffn_units": 24},
+           "int4": {"bits": 4, "decoder_bits": 4}}
+
+
+def build(asr_task, tmp_path, encoder="quantized_conformer", enc=None, **model_conf):
+    args = _build_args(asr_task, tmp_path, dict(enc or ENC))
+    args.encoder = encoder
+    args.model = "compressed"
+    conf = {"ctc_weight": 0.3, "decoder_quant": {"bits": 0, "bit_choices": [4, 8]}, "systems": SYSTEMS}
+    conf.update(model_conf)
+    args.model_conf = conf
+    torch.manual_seed(0)
+    return asr_task.ASRTask.build_model(args)
+
+
+def batch():
+    torch.manual_seed(3)
+    speech = torch.randn(2, 60, 20)
+    return dict(speech=speech, speech_lengths=torch.tensor([60, 48]),
+                text=torch.tensor([[2, 3, 2], [3, 2, -1]]), text_lengths=torch.tensor([3, 2]))
+
+
+@pytest.mark.parametrize(
+    "systems,needle",
+    [
+        ({"a": {"blocks": [0, 3]}}, "system 'a': plan 'a': blocks names block 3"),
+        ({"a": {"ffn_units": 96}}, "system 'a': plan 'a': ffn_units 96 is outside 1..48"),
+        ({"a": {"bits": 7}}, "unsupported bit width 7"),
+        ({"a": {"bits": 2}}, "bits 2 for 'embed.out.0' is not among the widths"),
+        ({"a": {"decoder_bits": 3}}, "decoder_bits 3 is not among decoder_quant's widths"),
+        ({"a": {"depth": 2}}, "system 'a': unknown field(s) ['depth']"),
+    ],
+)
+def test_bad_system_specs_name_system_and_field(asr_task, tmp_path, systems, needle):
+    with pytest.raises(SystemSpecError) as err:
+        build(asr_task, tmp_path, systems=systems)
+    assert needle in str(err.value)
+
+
+def test_unknown_decode_system_and_options(asr_task, tmp_path):
+    with pytest.raises(SystemSpecError, match="unknown system 'nope'"):
+        build(asr_task, tmp_path, decode_system="nope")
+    with pytest.raises(SystemSpecError, match="kl_target"):
+        build(asr_task, tmp_path, kl_target="encoder")
+    with pytest.raises(SystemSpecError, match="sampling"):
+        build(asr_task, tmp_path, sampling="random")
+
+
+def test_forward_reports_every_system_and_one_loss(asr_task, tmp_path):
+    model = build(asr_task, tmp_path)
+    model.train()
+    loss, stats, _ = model(**batch())
+    loss.backward()
+    for name in SYSTEMS:
+        assert torch.isfinite(stats[f"loss_{name}"]).all()
+        assert f"acc_{name}" in stats
+    assert set(k for k in stats if k.startswith("kl_")) == {"kl_shallow", "kl_narrow", "kl_int4"}
+    # the total is L_largest + sum w_i L_i + kl_weight * sum KL_i
+    expected = sum(stats[f"loss_{n}"] for n in SYSTEMS) + 0.1 * sum(stats[f"kl_{n}"] for n in ("shallow", "narrow", "int4"))
+    torch.testing.assert_close(stats["loss"], expected)
+    assert model.active_system == "full" and model.encoder.plan.blocks == (0, 1, 2)
+
+
+def test_kl_is_zero_for_a_copy_of_the_largest(asr_task, tmp_path):
+    model = build(asr_task, tmp_path, systems={"full": {}, "same": {"blocks": [0, 1, 2]}})
+    model.train()
+    _, stats, _ = model(**batch())
+    assert float(stats["kl_same"]) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(stats["loss_same"], stats["loss_full"])
+
+
+def test_no_gradient_reaches_the_largest_through_the_kl(asr_task, tmp_path):
+    """Block 0 runs only in the teacher; its gradient must not depend on the KL weight."""
+    grads = []
+    for kl_weight in (0.0, 5.0):
+        model = build(asr_task, tmp_path, systems={"full": {}, "tail": {"blocks": [1, 2], "weight": 0.0}},
+                      kl_weight=kl_weight)
+        model.train()
+        loss, stats, _ = model(**batch())
+        assert kl_weight == 0.0 or float(stats["kl_tail"]) > 0
+        loss.backward()
+        grads.append(model.encoder.encoders[0].feed_forward.w_1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_is_reproducible_and_sandwiched():
+    a = SystemSampler(["l", "s", "x", "y", "z"], "l", "s", "sandwich", num_random=1, seed=7)
+    b = SystemSampler(["l", "s", "x", "y", "z"], "l", "s", "sandwich", num_random=1, seed=7)
+    draws = [a.draw(step) for step in range(50)]
+    assert draws == [b.draw(step) for step in range(50)]
+    assert all(d[:2] == ["l", "s"] and len(d) == 3 for d in draws)
+    assert {d[2] for d in draws} == {"x", "y", "z"}
+    assert draws != [SystemSampler(["l", "s", "x", "y", "z"], "l", "s", "sandwich", 1, seed=8).draw(s) for s in range(50)]
+
+
+def test_sandwich_training_steps_follow_the_sampler(asr_task, tmp_path):
+    model = build(asr_task, tmp_path, sampling="sandwich", num_random_systems=1, sampling_seed=3)
+    model.train()
+    assert model.sampler.smallest == "int4"
+    for step in range(3):
+        drawn = model.sampler.draw(step)
+        _, stats, _ = model(**batch())
+        ran = {n for n in SYSTEMS if stats[f"loss_{n}"] is not None}
+        assert ran == set(drawn)
+
+
+def test_decode_system_selects_plan_and_env_override(asr_task, tmp_path, monkeypatch):
+    model = build(asr_task, tmp_path, decode_system="shallow")
+    assert model.encoder.plan.blocks == (0, 2)
+    monkeypatch.setenv("ESPNET_COMPRESS_SYSTEM", "int4")
+    model = build(asr_task, tmp_path, decode_system="shallow")
+    assert model.active_system == "int4"
+    assert all(m.bits == 4 for m in model.encoder.quantizable_modules().values())
