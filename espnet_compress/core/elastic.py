@@ -18,15 +18,22 @@ from espnet.nets.pytorch_backend.transformer.repeat import MultiSequential
 from espnet_compress.core.plan import ExecutionPlan
 
 
-def effective_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The weight a module computes with: its (fake-)quantized weight if it carries a quantizer.
+def sliced_weight(module: torch.nn.Module, rows: Optional[int] = None, cols: Optional[int] = None) -> torch.Tensor:
+    """The weight a narrowed layer computes with: the active slice, quantized *as a slice*.
 
-    Code that slices weights itself (the elastic FFN) must go through this instead of
-    ``module.weight`` so width masking and quantization compose: quantize the physical tensor with
-    its own scale, then keep the active prefix, which is exactly what a packed narrow export stores.
+    Quantizing the slice (not slicing a quantized full tensor) gives a narrow system its own scale,
+    exactly what the same system stores when it is exported on its own, so a nested system decodes
+    the same inside the supernet and as a standalone packed model.
     """
-    fn = getattr(module, "effective_weight", None)
-    return fn() if fn is not None else module.weight
+    w = module.weight
+    quantizer = getattr(module, "weight_quantizer", None)
+    if quantizer is None and hasattr(module, "effective_weight"):  # frozen inference layers
+        w = module.effective_weight()
+    if rows is not None:
+        w = w[:rows]
+    if cols is not None:
+        w = w[:, :cols]
+    return quantizer(w) if quantizer is not None else w
 
 
 class ElasticFeedForward(PositionwiseFeedForward):
@@ -56,9 +63,9 @@ class ElasticFeedForward(PositionwiseFeedForward):
         k = self.active_units
         if k is None or k == self.full_units:
             return self.w_2(self.dropout(self.activation(self.w_1(x))))
-        w1 = effective_weight(self.w_1)[:k]
+        w1 = sliced_weight(self.w_1, rows=k)
         b1 = None if self.w_1.bias is None else self.w_1.bias[:k]
-        w2 = effective_weight(self.w_2)[:, :k]
+        w2 = sliced_weight(self.w_2, cols=k)
         h = self.dropout(self.activation(torch.nn.functional.linear(x, w1, b1)))
         return torch.nn.functional.linear(h, w2, self.w_2.bias)
 

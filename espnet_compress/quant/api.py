@@ -49,6 +49,8 @@ class QuantConfig:
             return cls()
         if isinstance(conf, QuantConfig):
             return conf
+        if not isinstance(conf, Mapping):
+            raise QuantConfigError(f"{where}: expected a mapping of options, got {type(conf).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(conf) - fields)
         if unknown:

@@ -6,7 +6,7 @@ checkpoint each quantized layer is converted once to the fastest available CPU p
 * ``dequant``: a plain fp32 ``Linear``/``Conv1d`` holding codes x scale (always available);
 * ``int8``: ``torch._weight_int8pack_mm`` (int8 weights, fp activations; exact for every width <= 8);
 * ``int4``: ``torch._weight_int4pack_mm_for_cpu`` for widths <= 4 when the input size is a multiple
-  of 32 (the kernel's group size).
+  of 32 (the kernel's group size) and the output size a multiple of 16.
 
 ``kernel="auto"`` times the candidate paths once per distinct layer shape on this machine and keeps
 the fastest (low-bit kernels are not faster on every CPU/torch build: measured here, int8 weight-only
@@ -113,7 +113,8 @@ def _candidates(module: torch.nn.Module, bits: int, kernel: str) -> Tuple[str, .
     options = ["dequant"]
     if _has_int8_kernel():
         options.append("int8")
-    if bits <= 4 and _has_int4_kernel() and _int4_group_size(module.in_features) is not None:
+    if (bits <= 4 and _has_int4_kernel() and _int4_group_size(module.in_features) is not None
+            and module.out_features % 16 == 0):
         options.append("int4")
     if kernel == "auto":
         return tuple(options)

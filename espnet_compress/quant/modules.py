@@ -13,7 +13,7 @@ from espnet_compress.quant.quantizers import WeightQuantizer
 
 
 class QuantMixin:
-    """Shared behaviour: ``effective_weight`` (used by the elastic FFN) and ``set_bits``."""
+    """Shared behaviour: ``effective_weight`` (the fake-quantized weight) and ``set_bits``."""
 
     weight: torch.nn.Parameter
     weight_quantizer: WeightQuantizer

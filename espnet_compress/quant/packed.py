@@ -63,7 +63,7 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
     """Pack ``model.state_dict()``: quantized modules at their current bit width, the rest raw.
 
     Returns the header (JSON-able) and the blob. ``fp_dtype`` applies to floating tensors that are
-    not quantized, ``scale_dtype`` to quantization scales.
+    not quantized, ``scale_dtype`` to quantization scales (including learned LSQ steps).
     """
     if fp_dtype not in _FLOAT_DTYPES or scale_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp_dtype/scale_dtype must be one of {sorted(_FLOAT_DTYPES)}")
@@ -82,7 +82,10 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
                                bits=module.bits, scale_shape=list(scale.shape), group=_group(name, module.bits))
         else:
             if tensor.is_floating_point():
-                tensor = tensor.to(_FLOAT_DTYPES[fp_dtype])
+                # Learned (LSQ) steps are scales: the loaded layer re-encodes its weight with them,
+                # so they must be stored exactly like the scales next to the codes.
+                is_step = ".weight_quantizer." in name
+                tensor = tensor.to(_FLOAT_DTYPES[scale_dtype if is_step else fp_dtype])
             data = _tensor_bytes(tensor)
             rec = TensorRecord(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), offset, len(data),
                                group=_group(name, 0))

@@ -17,6 +17,9 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 is not what a user expects of a result file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

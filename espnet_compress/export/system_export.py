@@ -1,0 +1,173 @@
+"""Export one system of a multi-system model as a standalone ESPnet model.
+
+A system keeps only what it runs: the physical blocks its plan uses (renumbered in order of first
+use), each FFN cut to the widest width the plan asks of it, and the decoder at the system's
+precision. Then:
+
+* a full-precision system that runs each kept block once at one FFN width is a plain Conformer:
+  it is exported as ESPnet's stock ``conformer`` with model ``espnet``, a checkpoint that loads and
+  decodes **without** this plugin;
+* any other system (quantized, repeated blocks, per-step widths) is exported with our encoder and
+  the plan baked in as its default, as a packed checkpoint when it is quantized. (Per-step widths
+  keep every kept block at the plan's widest width, since ESPnet's Conformer has one FFN size.)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Tuple, Union
+
+import torch
+import yaml
+
+from espnet_compress.quant.api import quantized_modules
+from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_MODEL_ONLY_OPTIONS = ("systems", "largest", "kl_weight", "kl_target", "sampling", "num_random_systems",
+                       "sampling_seed", "decode_system")
+_BLOCK_KEY = re.compile(r"^encoder\.encoders\.(\d+)\.(.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemExport:
+    """What :func:`export_system` wrote."""
+
+    system: str
+    config: Path
+    model_file: Path
+    stock: bool  # loads without espnet_compress
+    packed: bool
+    num_params: int
+
+
+def _layout(model: torch.nn.Module, name: str) -> Tuple[List[int], Dict[int, int], List[int], List[int]]:
+    """(kept physical blocks, old->new index, new block index per step, width per step)."""
+    spec = model.systems[name]
+    kept: List[int] = []
+    for b in spec.plan.blocks:
+        if b not in kept:
+            kept.append(b)
+    remap = {old: new for new, old in enumerate(kept)}
+    widths = [spec.plan.units_at(i, model.encoder.linear_units) for i in range(spec.plan.depth)]
+    return kept, remap, [remap[b] for b in spec.plan.blocks], widths
+
+
+def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tensor]:
+    """The system's weights under standalone names (renumbered blocks, FFNs cut to the widest
+    width the plan uses: ESPnet's Conformer gives every block the same ``linear_units``)."""
+    kept, remap, steps, widths = _layout(model, name)
+    width = max(widths)
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            out[key] = value.clone()
+            continue
+        old, rest = int(m.group(1)), m.group(2)
+        if old not in remap:
+            continue
+        if re.match(r"feed_forward(_macaron)?\.w_1\.(weight|bias)$", rest):
+            value = value[:width]
+        elif re.match(r"feed_forward(_macaron)?\.w_2\.weight$", rest):
+            value = value[:, :width]
+        out[f"encoder.encoders.{remap[old]}.{rest}"] = value.clone()
+    return out
+
+
+def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: str) -> Tuple[Dict[str, Any], bool]:
+    """Training config rewritten for the standalone system; second value: is it a stock model."""
+    spec = model.systems[name]
+    kept, remap, steps, widths = _layout(model, name)
+    conf = copy.deepcopy(train_config)
+    enc = conf["encoder_conf"]
+    for key in ("plan", "quant_conf"):
+        enc.pop(key, None)
+    enc["num_blocks"] = len(kept)
+    enc["linear_units"] = max(widths)
+    uniform = steps == list(range(len(kept))) and len(set(widths)) == 1
+    quantized = any(b for _, b in spec.plan.bits) or spec.decoder_bits
+    model_conf = {k: v for k, v in conf.get("model_conf", {}).items() if k not in _MODEL_ONLY_OPTIONS}
+    model_conf.pop("decoder_quant", None)
+    stock = uniform and not quantized
+    if stock:
+        conf["encoder"], conf["model"] = "conformer", "espnet"
+    else:
+        plan: Dict[str, Any] = {"blocks": steps}
+        if len(set(widths)) > 1:
+            plan["ffn_units"] = widths
+        if any(b for _, b in spec.plan.bits):
+            enc_q = model.encoder.quant_config
+            rules = {}
+            for mod_name in quantized_modules(model.encoder):
+                m = _BLOCK_KEY.match(f"encoder.{mod_name}")
+                bits = spec.plan.bits_for(mod_name)
+                if m is not None:
+                    if int(m.group(1)) not in remap:
+                        continue
+                    mod_name = f"encoders.{remap[int(m.group(1))]}.{m.group(2)}"
+                rules[mod_name] = bits
+            enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel}
+            conf["encoder"] = "quantized_conformer"
+        else:
+            conf["encoder"] = "elastic_conformer"
+        enc["plan"] = plan
+        conf["model"] = "compressed"
+        if spec.decoder_bits:
+            dq = model.decoder_quant
+            model_conf["decoder_quant"] = {"bits": spec.decoder_bits, "method": dq.method,
+                                           "per_channel": dq.per_channel, "exclude": list(dq.exclude)}
+    conf["model_conf"] = model_conf
+    conf.pop("init_param", None)
+    return conf, stock
+
+
+def export_system(train_config: Union[str, Path], model_file: Union[str, Path], system: str,
+                  out_dir: Union[str, Path]) -> SystemExport:
+    """Write ``out_dir/config.yaml`` and the system's checkpoint (stock ``.pth`` or packed)."""
+    from espnet2.tasks.asr import ASRTask
+
+    from espnet_compress.quant.packed import save_packed
+
+    train_config, out_dir = Path(train_config), Path(out_dir)
+    model, _ = ASRTask.build_model_from_file(train_config, model_file, "cpu")
+    if not getattr(model, "systems", None):
+        raise ValueError(f"{train_config}: the model declares no model_conf.systems; nothing to export per system")
+    if system not in model.systems:
+        raise ValueError(f"unknown system '{system}'; {train_config} declares {list(model.systems)}")
+    raw_conf = yaml.safe_load(train_config.read_text())
+    conf, stock = system_config(raw_conf, model, system)
+    quantized = conf["encoder"] == "quantized_conformer" or "decoder_quant" in conf["model_conf"]
+    state = system_state_dict(model, system)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.yaml"
+    atomic_write_text(config_path, yaml.safe_dump(conf, sort_keys=False))
+    standalone, _ = _build(config_path)
+    expected = standalone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise RuntimeError(f"system '{system}': exported weights lack {missing[:5]} (internal error)")
+    standalone.load_state_dict({k: state[k] for k in expected}, strict=True)
+    if quantized:
+        model_path = out_dir / "model.packed.pth"
+        save_packed(standalone, model_path)
+    else:
+        model_path = out_dir / "model.pth"
+        import io
+
+        buf = io.BytesIO()
+        torch.save(standalone.state_dict(), buf)
+        atomic_write_bytes(model_path, buf.getvalue())
+    n = sum(p.numel() for p in standalone.parameters())
+    log.info("exported system '%s' (%s, %d parameters) to %s", system, "stock" if stock else conf["encoder"], n, out_dir)
+    return SystemExport(system, config_path, model_path, stock, quantized, n)
+
+
+def _build(config_path: Path) -> Tuple[torch.nn.Module, Any]:
+    from espnet2.tasks.asr import ASRTask
+
+    return ASRTask.build_model_from_file(config_path, None, "cpu")

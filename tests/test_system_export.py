@@ -1,0 +1,88 @@
+"""Each system of a multi-system model exports as a standalone model with the same outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from espnet_compress.export.system_export import export_system
+from tests.conftest import run_python
+from tests.test_nested import ENC, SYSTEMS, batch, build
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(asr_task, tmp_path_factory):
+    """A multi-system model after one optimizer step, saved like ESPnet's exp dir."""
+    tmp = tmp_path_factory.mktemp("sys")
+    systems = dict(SYSTEMS, mixed={"blocks": [0, 0, 2], "ffn_units": [48, 24, 24]}, tail={"blocks": [1, 2], "ffn_units": 24})
+    model = build(asr_task, tmp, systems=systems)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, _, _ = model(**batch())
+    loss.backward()
+    opt.step()
+    model.eval()
+    from tests.test_registration import _build_args
+
+    args = _build_args(asr_task, tmp, dict(ENC))
+    args.encoder, args.model = "quantized_conformer", "compressed"
+    args.model_conf = {"ctc_weight": 0.3, "decoder_quant": {"bits": 0, "bit_choices": [4, 8]}, "systems": systems}
+    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args)))
+    torch.save(model.state_dict(), tmp / "model.pth")
+    return model, tmp
+
+
+def _encode(model, name=None):
+    b = batch()
+    ctx = model.system(name) if name else torch.no_grad()
+    with torch.no_grad(), ctx:
+        out, _ = model.encode(b["speech"], b["speech_lengths"])
+    return out
+
+
+@pytest.mark.parametrize("system,stock", [("shallow", True), ("narrow", True), ("tail", True),
+                                          ("mixed", False), ("int4", False)])
+def test_export_matches_system_in_supernet(trained, tmp_path, system, stock):
+    model, tmp = trained
+    result = export_system(tmp / "config.yaml", tmp / "model.pth", system, tmp_path / system)
+    assert result.stock == stock
+    from espnet2.tasks.asr import ASRTask
+
+    standalone, _ = ASRTask.build_model_from_file(result.config, result.model_file, "cpu")
+    standalone.eval()
+    torch.testing.assert_close(_encode(standalone), _encode(model, system), rtol=1e-4, atol=1e-5)
+    if stock:
+        conf = yaml.safe_load(result.config.read_text())
+        assert conf["encoder"] == "conformer" and conf["model"] == "espnet"
+
+
+def test_stock_export_loads_without_plugin(trained, tmp_path):
+    model, tmp = trained
+    result = export_system(tmp / "config.yaml", tmp / "model.pth", "shallow", tmp_path / "shallow")
+    expected = _encode(model, "shallow")
+    torch.save(batch(), tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "from espnet2.tasks.asr import ASRTask\n"
+        "import espnet2.tasks.asr as a\n"
+        "assert 'elastic_conformer' not in a.encoder_choices.classes\n"
+        f"m, _ = ASRTask.build_model_from_file({str(result.config)!r}, {str(result.model_file)!r}, 'cpu')\n"
+        "m.eval()\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    out, _ = m.encode(b['speech'], b['speech_lengths'])\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+        "print(type(m).__name__, type(m.encoder).__name__)\n"
+    )
+    proc = run_python(["-c", script], env={"ESPNET_COMPRESS_NO_HOOK": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].split() == ["ESPnetASRModel", "ConformerEncoder"]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_rejects_unknown_system(trained, tmp_path):
+    _, tmp = trained
+    with pytest.raises(ValueError, match="unknown system 'huge'"):
+        export_system(tmp / "config.yaml", tmp / "model.pth", "huge", tmp_path / "x")
