@@ -20,6 +20,7 @@ CHOICES: Dict[str, Dict[str, str]] = {
     "encoder_choices": {
         "elastic_conformer": "espnet_compress.encoders.elastic_conformer:ElasticConformerEncoder",
         "quantized_conformer": "espnet_compress.encoders.quantized_conformer:QuantizedConformerEncoder",
+        "foldable_conformer": "espnet_compress.encoders.foldable_conformer:FoldableConformerEncoder",
     },
     "model_choices": {
         "compressed": "espnet_compress.models.compressed_asr:CompressedASRModel",

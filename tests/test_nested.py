@@ -42,7 +42,8 @@ def batch():
         ({"a": {"bits": 7}}, "unsupported bit width 7"),
         ({"a": {"bits": 2}}, "bits 2 for 'embed.out.0' is not among the widths"),
         ({"a": {"decoder_bits": 3}}, "decoder_bits 3 is not among decoder_quant's widths"),
-        ({"a": {"depth": 2}}, "system 'a': unknown field(s) ['depth']"),
+        ({"a": {"layers": 2}}, "system 'a': unknown field(s) ['layers']"),
+        ({"a": {"depth": 2}}, "need the foldable_conformer encoder"),
     ],
 )
 def test_bad_system_specs_name_system_and_field(asr_task, tmp_path, systems, needle):

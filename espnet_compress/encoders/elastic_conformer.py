@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
 from typing import Any, Dict, Iterator, Mapping, Union
 
 import torch
@@ -21,6 +23,7 @@ from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 from espnet_compress.utils.signature import merge_signature, reject_unknown_options
 
 PlanLike = Union[None, Mapping[str, Any], ExecutionPlan]
+ENV_PLAN = "ESPNET_COMPRESS_PLAN"
 
 
 @merge_signature(ConformerEncoder.__init__, skip=("self", "input_size"))
@@ -47,12 +50,42 @@ class ElasticConformerEncoder(ConformerEncoder):
                 ElasticFeedForward.convert(block.feed_forward)
                 if block.feed_forward_macaron is not None:
                     ElasticFeedForward.convert(block.feed_forward_macaron)
-        self.default_plan = self.check_plan(ExecutionPlan.from_config(plan, self.num_physical_blocks))
-        ElasticBlockStack.convert(self.encoders, self.default_plan)
+        ElasticBlockStack.convert(self.encoders, ExecutionPlan.full(self.num_physical_blocks))
+        self._prepare()
+        self.default_plan = self.set_plan(self._default_plan(plan))
+        self.apply_env_plan()
+
+    # Hooks for configurations of the core (quantized, foldable, ...): they run inside __init__,
+    # after ESPnet built the blocks and before the default plan is validated and installed.
+    def _prepare(self) -> None:
+        """Attach whatever the configuration adds to the modules (e.g. weight quantizers)."""
+
+    def _default_plan(self, plan: PlanLike) -> PlanLike:
+        """The default plan given the user's ``plan`` option (e.g. add default bit widths)."""
+        return plan
+
+    def apply_env_plan(self) -> None:
+        """Switch to the plan in ``ESPNET_COMPRESS_PLAN`` if it is set (validated like any plan).
+
+        The environment variable (JSON, e.g. ``'{"blocks": [0, 1, 2]}'`` or, for foldable encoders,
+        ``'{"depth": 6}'``) lets stock programs such as ``asr_inference`` choose the plan at decode
+        time without editing the config.
+        """
+        text = os.environ.get(ENV_PLAN)
+        if not text:
+            return
+        try:
+            conf = json.loads(text)
+        except ValueError as err:
+            raise PlanError(f"{ENV_PLAN}: not valid JSON ({err}): {text!r}") from None
+        self.set_plan(conf if "name" in conf else dict(conf, name=ENV_PLAN))
 
     # ------------------------------------------------------------------ plans
     def check_plan(self, plan: PlanLike, name: str = "plan") -> ExecutionPlan:
         """Validate a plan against this encoder's physical shape (raises :class:`PlanError`)."""
+        if isinstance(plan, Mapping) and ("depth" in plan or "path_index" in plan):
+            raise PlanError(f"plan '{plan.get('name', name)}': 'depth'/'path_index' (unfolding) need the "
+                            f"foldable_conformer encoder; use 'blocks' to skip or repeat blocks here")
         plan = ExecutionPlan.from_config(plan, self.num_physical_blocks, name=name)
         plan.validate(self.num_physical_blocks, self.linear_units)
         if plan.ffn_units is not None and not self._elastic_ffn and any(

@@ -30,10 +30,13 @@ class QuantizedConformerEncoder(ElasticConformerEncoder):
 
     def __init__(self, input_size: int, plan: PlanLike = None,
                  quant_conf: Optional[Mapping[str, Any]] = None, **conformer_kwargs: Any) -> None:
-        super().__init__(input_size, **conformer_kwargs)
-        self.quant_config = QuantConfig.from_config(quant_conf, "encoder_conf.quant_conf")
+        self._quant_conf = quant_conf
+        super().__init__(input_size, plan=plan, **conformer_kwargs)
+
+    def _prepare(self) -> None:
+        self.quant_config = QuantConfig.from_config(self._quant_conf, "encoder_conf.quant_conf")
         quantize_(self, self.quant_config)
+
+    def _default_plan(self, plan: PlanLike) -> PlanLike:
         default = ExecutionPlan.from_config(plan, self.num_physical_blocks)
-        if not default.bits:
-            default = dataclasses.replace(default, bits=self.quant_config.bits)
-        self.default_plan = self.set_plan(default)
+        return default if default.bits else dataclasses.replace(default, bits=self.quant_config.bits)

@@ -136,6 +136,7 @@ class CompressedASRModel(ESPnetASRModel):
         self.ctc.register_forward_hook(self._capture("ctc"))
         self.ctc.ctc_lo.register_forward_hook(self._capture("ctc_logits"))
         self.use_system(os.environ.get("ESPNET_COMPRESS_SYSTEM") or decode_system or self.largest)
+        self.encoder.apply_env_plan()
 
     def _capture(self, key: str):
         """Forward hook keeping the last output of a sub-module (for the distillation term)."""

@@ -19,7 +19,7 @@ from espnet_compress.core.plan import ExecutionPlan, PlanError
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 
-SYSTEM_FIELDS = ("blocks", "ffn_units", "bits", "decoder_bits", "weight")
+SYSTEM_FIELDS = ("blocks", "ffn_units", "bits", "depth", "path_index", "decoder_bits", "weight")
 
 
 class SystemSpecError(ValueError):
@@ -65,7 +65,7 @@ def parse_systems(conf: Mapping[str, Any], encoder: torch.nn.Module,
         unknown = sorted(set(spec) - set(SYSTEM_FIELDS))
         if unknown:
             raise SystemSpecError(f"{where}: unknown field(s) {unknown}; allowed: {list(SYSTEM_FIELDS)}")
-        plan_conf = {k: spec[k] for k in ("blocks", "ffn_units", "bits") if k in spec}
+        plan_conf = {k: spec[k] for k in ("blocks", "ffn_units", "bits", "depth", "path_index") if k in spec}
         try:
             plan = encoder.check_plan(plan_conf, name=str(name))
         except (PlanError, UnsupportedBitWidth) as err:
