@@ -14,19 +14,23 @@ import pytest
 import torch
 import yaml
 
-from espnet_compress.pipeline.tiny import CONF_DIR, TinyRunConfig, run_tiny
+from espnet_compress.pipeline.tiny import CONF_DIR, TinyRunConfig, TinySystem, run_tiny
 from tests.conftest import run_python
 
 pytestmark = pytest.mark.slow
 
 
-def _tiny_config(tmp: Path, encoder: str) -> Path:
+def _tiny_config(tmp: Path, encoder: str, bits: int = 0) -> Path:
     conf = yaml.safe_load((CONF_DIR / "train_asr_conformer_tiny.yaml").read_text())
     conf["encoder"] = encoder
+    if bits:
+        conf["model"] = "compressed"
+        conf["model_conf"]["decoder_quant"] = {"bits": bits}
+        conf["encoder_conf"]["quant_conf"] = {"bits": bits}
     conf["encoder_conf"].update(output_size=32, attention_heads=2, linear_units=64, num_blocks=2)
     conf["decoder_conf"].update(attention_heads=2, linear_units=64, num_blocks=1)
     conf.update(max_epoch=2, batch_bins=200000, num_workers=0, use_tensorboard=False)
-    path = tmp / f"{encoder}.yaml"
+    path = tmp / f"{encoder}{bits or ''}.yaml"
     path.write_text(yaml.safe_dump(conf))
     return path
 
@@ -36,8 +40,9 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     cfg = TinyRunConfig(
         out_dir=tmp / "exp",
-        systems=[("conformer", _tiny_config(tmp, "conformer")),
-                 ("elastic_conformer", _tiny_config(tmp, "elastic_conformer"))],
+        systems=[TinySystem("conformer", _tiny_config(tmp, "conformer")),
+                 TinySystem("elastic_conformer", _tiny_config(tmp, "elastic_conformer")),
+                 TinySystem("qat_4bit", _tiny_config(tmp, "quantized_conformer", bits=4), "conformer", packed=True)],
         baseline="conformer", num_train=40, num_dev=8, num_test=12, nj=2,
     )
     table = run_tiny(cfg)
@@ -47,7 +52,7 @@ def tiny_run(tmp_path_factory):
 def test_report_and_table(tiny_run):
     cfg, table = tiny_run
     out = Path(cfg.out_dir)
-    assert [r.spec.name for r in table.rows] == ["conformer", "elastic_conformer"]
+    assert [r.spec.name for r in table.rows] == ["conformer", "elastic_conformer", "qat_4bit"]
     data = json.loads((out / "compare" / "compare.json").read_text())
     assert data["baseline"] == "conformer"
     for system in data["systems"]:
@@ -56,6 +61,18 @@ def test_report_and_table(tiny_run):
         assert system["checkpoint_bytes"] == Path(system["model_file"]).stat().st_size
     report = (out / "report.md").read_text()
     assert "| train:elastic_conformer |" in report and "MAPSSWE" in report
+
+
+def test_qat_system_is_decoded_from_its_packed_checkpoint(tiny_run):
+    cfg, table = tiny_run
+    out = Path(cfg.out_dir)
+    row = table.rows[2]
+    assert row.spec.model_file == out / "asr_qat_4bit" / "packed" / "model.packed.pth"
+    assert (out / "asr_qat_4bit" / "train.log").read_text().count("--init_param") >= 1
+    fp32 = out / "asr_qat_4bit" / "valid.acc.best.pth"
+    assert row.checkpoint_bytes < fp32.stat().st_size / 3
+    log = next((Path(row.spec.decode_dir) / "test" / "logdir").glob("asr_inference.*.log")).read_text()
+    assert "espnet2.bin.asr_inference" in log.splitlines()[0]
 
 
 def test_stock_programs_trained_our_encoder(tiny_run):

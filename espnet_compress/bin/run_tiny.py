@@ -4,7 +4,8 @@ Usage::
 
     python -m espnet_compress.bin.run_tiny --out_dir exp/tiny
     python -m espnet_compress.bin.run_tiny --out_dir /tmp/t --num_train 40 --num_dev 8 --num_test 8 \
-        --system small=my_small.yaml --baseline small --train_arg=--max_epoch --train_arg=1
+        --system small=my_small.yaml --system q4=my_q4.yaml,init_from=small,packed \
+        --baseline small --train_arg=--max_epoch --train_arg=1
 """
 from __future__ import annotations
 
@@ -12,23 +13,34 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
-from espnet_compress.pipeline.tiny import DEFAULT_SYSTEMS, TinyRunConfig, run_tiny
+from espnet_compress.pipeline.tiny import DEFAULT_SYSTEMS, TinyRunConfig, TinySystem, run_tiny
 
 
-def _system(value: str) -> Tuple[str, Path]:
-    name, sep, config = value.partition("=")
+def _system(value: str) -> TinySystem:
+    """``NAME=CONFIG[,init_from=OTHER][,packed]``."""
+    head, *opts = value.split(",")
+    name, sep, config = head.partition("=")
     if not sep or not name or not config:
-        raise argparse.ArgumentTypeError(f"expected NAME=CONFIG.yaml, got '{value}'")
-    return name, Path(config)
+        raise argparse.ArgumentTypeError(f"expected NAME=CONFIG.yaml[,init_from=NAME][,packed], got '{value}'")
+    init_from, packed = None, False
+    for opt in opts:
+        if opt == "packed":
+            packed = True
+        elif opt.startswith("init_from="):
+            init_from = opt.split("=", 1)[1]
+        else:
+            raise argparse.ArgumentTypeError(f"unknown system option '{opt}' in '{value}'")
+    return TinySystem(name, Path(config), init_from, packed)
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", type=Path, default=Path("exp/tiny"))
     p.add_argument("--system", type=_system, action="append", dest="systems",
-                   help="NAME=TRAIN_CONFIG (repeatable); default: stock conformer and elastic_conformer")
+                   help="NAME=TRAIN_CONFIG[,init_from=NAME][,packed] (repeatable); default: stock conformer, "
+                        "elastic_conformer, and 8-/4-bit QAT fine-tunes of the conformer exported packed")
     p.add_argument("--baseline", default=None, help="system the others are tested against (default: first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_train", type=int, default=2000)
@@ -45,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     systems = args.systems or list(DEFAULT_SYSTEMS)
     cfg = TinyRunConfig(
-        out_dir=args.out_dir, systems=systems, baseline=args.baseline or systems[0][0], seed=args.seed,
+        out_dir=args.out_dir, systems=systems, baseline=args.baseline or systems[0].name, seed=args.seed,
         num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test, nj=args.nj,
         train_args=args.train_args,
     )
