@@ -1,0 +1,499 @@
+"""All-in-one nested supernet vs individually trained systems on the tiny spoken_commands corpus.
+
+What it measures (arXiv 2406.10160's claims, at toy scale):
+
+* one training run of ``conf/spoken_commands/train_asr_nested_conformer_tiny.yaml`` (systems
+  ``full``, ``depth3``, ``ffn288``, ``int4`` sharing one set of weights) against four separate
+  trainings of their "twins" (``train_asr_conformer_tiny.yaml``, ``..._depth3.yaml``,
+  ``..._ffn288.yaml``, ``train_asr_quantized_conformer_tiny_4bit_scratch.yaml``), all for the same
+  number of epochs through stock ``espnet2.bin.asr_train``;
+* WER of every nested system, decoded from the ONE all-in-one checkpoint by stock
+  ``asr_inference`` with ``ESPNET_COMPRESS_SYSTEM=<name>``, vs its twin (sclite + MAPSSWE);
+* storage: the one all-in-one checkpoint vs the K per-system exports (``export_system``) and the
+  K twins' checkpoints (the 4-bit twin packed), each as a ratio to the largest system's export;
+* training cost: wall time of the one pass vs the sum of the separate trainings.
+
+Usage (reusing the main job's data, token list, stats and fp32 baseline when compatible)::
+
+    nice -n 19 .venv/bin/python benchmarks/nested_supernet.py --exp_dir exp/tiny
+    # quick check on a fresh, small corpus (a smoke test, not a result):
+    nice -n 19 .venv/bin/python benchmarks/nested_supernet.py --exp_dir /tmp/bench_check \\
+        --num_train 40 --num_dev 8 --num_test 12 --max_epoch 1
+
+Everything is restartable: finished trainings, decodes and exports are reused (a training dir
+whose ``config.yaml`` has a different ``max_epoch`` is an error, not silently reused). Outputs:
+``<exp_dir>/benchmarks/nested_supernet/`` (trainings, decodes, exports, scoring) and
+``<exp_dir>/benchmarks/nested_supernet.{md,json}`` + ``nested_supernet_wer_vs_bytes.png``.
+
+This module also holds the helpers ``benchmarks/foldable.py`` imports (corpus set-up, timed
+training, decoding under an environment/plan into its own directory).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import yaml
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from espnet_compress.pipeline.stages import AsrExperiment, collect_stats, make_token_list  # noqa: E402
+from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
+from espnet_compress.utils.io import atomic_write_text  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+BASELINE_CONFIG = CONF_DIR / "train_asr_conformer_tiny.yaml"
+DECODE_CONFIG = CONF_DIR / "decode_asr.yaml"
+#: Environment variables that choose what a stock program runs; never inherited by training.
+PLUGIN_ENV = ("ESPNET_COMPRESS_SYSTEM", "ESPNET_COMPRESS_PLAN")
+#: Sections a derived tiny config may change; everything else must equal the baseline's.
+MAY_DIFFER = {"encoder", "encoder_conf", "model", "model_conf"}
+TIME_FILE = "benchmark_train_time.json"
+
+
+# ---------------------------------------------------------------------------------------- shared
+def add_common_args(p: argparse.ArgumentParser, default_exp: str = "exp/tiny") -> None:
+    """Options every training benchmark takes."""
+    p.add_argument("--exp_dir", type=Path, default=Path(default_exp),
+                   help="main-job output dir: data/, token_list/, asr_stats/ are reused if present, "
+                        "else made here (default: %(default)s)")
+    p.add_argument("--max_epoch", type=int, default=None,
+                   help="epochs for EVERY training (passed as asr_train --max_epoch); default: the configs' own")
+    p.add_argument("--train_arg", action="append", default=[], dest="train_args",
+                   help="extra asr_train argument, repeatable (e.g. --train_arg=--batch_bins --train_arg=500000)")
+    p.add_argument("--num_train", type=int, default=2000, help="corpus size if the corpus must be made")
+    p.add_argument("--num_dev", type=int, default=150)
+    p.add_argument("--num_test", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="corpus seed if the corpus must be made")
+    p.add_argument("--nj", type=int, default=2, help="corpus/decoding jobs")
+
+
+def clean_environment() -> None:
+    """Trainings must not see a decode-time system/plan choice."""
+    for var in PLUGIN_ENV:
+        if os.environ.pop(var, None) is not None:
+            log.warning("ignoring %s from the environment (the benchmark sets it per decode)", var)
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the body (stock programs inherit ``os.environ``)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def prepare_corpus(args: argparse.Namespace) -> AsrExperiment:
+    """Data, word token list and feature stats (reused when present); returns a template
+    experiment (baseline config) that the benchmarks copy with ``dataclasses.replace``."""
+    exp_dir = args.exp_dir.resolve()
+    data = exp_dir / "data"
+    template = AsrExperiment(
+        data_dir=data, train_set="train", valid_set="dev", test_sets=["test"],
+        token_list=exp_dir / "token_list" / "word" / "tokens.txt", stats_dir=exp_dir / "asr_stats",
+        exp_dir=exp_dir / "asr_conformer", train_config=BASELINE_CONFIG, inference_config=DECODE_CONFIG,
+        decode_nj=args.nj,
+    )
+    if all((data / s / "text").is_file() for s in ("train", "dev", "test")):
+        counts = {s: sum(1 for _ in open(data / s / "text")) for s in ("train", "dev", "test")}
+        log.info("reusing the corpus in %s (%s)", data, counts)
+    else:
+        from espnet_compress.corpus.spoken_commands import generate_corpus
+
+        log.info("making the corpus in %s (%d/%d/%d utterances)", data, args.num_train, args.num_dev, args.num_test)
+        generate_corpus(data, seed=args.seed, num_train=args.num_train, num_dev=args.num_dev,
+                        num_test=args.num_test, nj=args.nj, progress=True)
+    make_token_list(data / "train" / "text", template.token_list)
+    collect_stats(template)
+    return template
+
+
+def check_mirrors_baseline(config: Path, baseline: Path = BASELINE_CONFIG) -> List[str]:
+    """Settings outside the encoder/model sections in which ``config`` differs from the baseline
+    (the twins must train exactly like the baseline); returned so reports can flag them."""
+    a, b = (yaml.safe_load(Path(p).read_text()) for p in (config, baseline))
+    keys = sorted((set(a) | set(b)) - MAY_DIFFER)
+    return [k for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclasses.dataclass
+class TrainRecord:
+    name: str
+    exp_dir: Path
+    seconds: Optional[float]
+    source: str  # how the time was obtained
+    trained_now: bool
+
+
+def _configured_epochs(config: Path) -> int:
+    return int(yaml.safe_load(Path(config).read_text()).get("max_epoch", 0))
+
+
+def timed_train(name: str, exp: AsrExperiment, max_epoch: Optional[int]) -> TrainRecord:
+    """``exp.train()`` (stock asr_train), timed by our own wall clock and recorded next to the
+    model; a training already on disk is reused after checking it ran the requested epochs."""
+    want = max_epoch if max_epoch is not None else _configured_epochs(exp.train_config)
+    model = exp.exp_dir / exp.inference_model
+    done_conf = exp.exp_dir / "config.yaml"
+    if model.exists() and done_conf.exists():
+        have = yaml.safe_load(done_conf.read_text()).get("max_epoch")
+        if have != want:
+            raise SystemExit(f"{exp.exp_dir} was trained for {have} epochs, this run asks for {want}; "
+                             f"use another --exp_dir or remove that directory")
+    resumed = (exp.exp_dir / "checkpoint.pth").exists() and not model.exists()
+    start = time.perf_counter()
+    trained = exp.train()
+    if trained:
+        seconds = time.perf_counter() - start
+        record = {"seconds": seconds, "max_epoch": want, "resumed": resumed,
+                  "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+        atomic_write_text(exp.exp_dir / TIME_FILE, json.dumps(record, indent=2) + "\n")
+        return TrainRecord(name, exp.exp_dir, seconds, "timer (resumed: partial)" if resumed else "timer", True)
+    seconds, source = read_train_seconds(exp.exp_dir)
+    return TrainRecord(name, exp.exp_dir, seconds, source, False)
+
+
+_LOG_TIME = re.compile(r"^\[[^\]]*\] (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ ")
+
+
+def read_train_seconds(exp_dir: Path) -> tuple:
+    """Wall time of a finished training: our own record, else first/last timestamps of train.log."""
+    rec = exp_dir / TIME_FILE
+    if rec.exists():
+        info = json.loads(rec.read_text())
+        return info["seconds"], "timer (resumed: partial)" if info.get("resumed") else "timer"
+    stamps = []
+    log_file = exp_dir / "train.log"
+    if log_file.exists():
+        for line in log_file.read_text(errors="replace").splitlines():
+            m = _LOG_TIME.match(line)
+            if m:
+                stamps.append(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+    if len(stamps) >= 2:
+        return (stamps[-1] - stamps[0]).total_seconds(), "train.log timestamps"
+    return None, "unknown"
+
+
+@dataclasses.dataclass
+class TaggedDecode(AsrExperiment):
+    """An experiment decoded under a given environment (system/plan) into its own directory.
+
+    ``train_config_override`` decodes the checkpoint with another model config (e.g. a stock
+    Conformer's checkpoint built as ``elastic_conformer`` so that a plan can skip blocks): it is
+    passed as a second ``--asr_train_config``, which asr_inference's argparse takes over the first.
+    """
+
+    tag: str = ""
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    train_config_override: Optional[Path] = None
+
+    def decode_dir(self) -> Path:
+        base = super().decode_dir()
+        return base.with_name(f"{base.name}_{self.tag}") if self.tag else base
+
+    def decode(self, extra_args: Sequence[str] = ()) -> bool:
+        extra = list(extra_args)
+        if self.train_config_override is not None:
+            extra += ["--asr_train_config", str(self.train_config_override)]
+        with environment(dict(self.env)):
+            return super().decode(extra)
+
+
+def tagged(exp: AsrExperiment, tag: str = "", env: Optional[Mapping[str, str]] = None,
+           train_config_override: Optional[Path] = None) -> TaggedDecode:
+    fields = {f.name: getattr(exp, f.name) for f in dataclasses.fields(AsrExperiment)}
+    return TaggedDecode(**fields, tag=tag, env=dict(env or {}), train_config_override=train_config_override)
+
+
+def build_params(config: Path, model_file: Optional[Path] = None) -> int:
+    """Parameters of the model a training config builds (shared blocks counted once)."""
+    from espnet2.tasks.asr import ASRTask
+
+    model, _ = ASRTask.build_model_from_file(config, model_file, "cpu")
+    return sum(p.numel() for p in model.parameters())
+
+
+def fmt_seconds(s: Optional[float]) -> str:
+    return "n/a" if s is None else f"{s:.0f}"
+
+
+def plot_setup():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------- this benchmark
+NESTED_CONFIG = CONF_DIR / "train_asr_nested_conformer_tiny.yaml"
+#: nested system -> (twin name, twin training config)
+TWINS: Dict[str, tuple] = {
+    "full": ("conformer", BASELINE_CONFIG),
+    "depth3": ("conformer_depth3", CONF_DIR / "train_asr_conformer_tiny_depth3.yaml"),
+    "ffn288": ("conformer_ffn288", CONF_DIR / "train_asr_conformer_tiny_ffn288.yaml"),
+    "int4": ("qat_4bit_scratch", CONF_DIR / "train_asr_quantized_conformer_tiny_4bit_scratch.yaml"),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    system: str
+    spec: Dict[str, Any]
+    nested_params: int
+    nested_bytes: int
+    nested_file: str
+    nested_stock: bool
+    nested_wer: float
+    twin: str
+    twin_params: int
+    twin_bytes: int
+    twin_file: str
+    twin_wer: float
+    verdict: str
+    p_value: Optional[float]
+    twin_train_seconds: Optional[float]
+
+
+def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "valid.acc.best.pth") -> Optional[Path]:
+    """A finished fp32 baseline training (train_asr_conformer_tiny.yaml) with the requested epochs:
+    the main job's, or the one a benchmark trained (nested_supernet and foldable share it)."""
+    want = max_epoch if max_epoch is not None else _configured_epochs(BASELINE_CONFIG)
+    for cand in (exp_dir / "asr_conformer", exp_dir / "benchmarks" / "nested_supernet" / "asr_conformer",
+                 exp_dir / "benchmarks" / "foldable" / "asr_baseline4"):
+        conf = cand / "config.yaml"
+        if (cand / model_name).exists() and conf.exists() and yaml.safe_load(conf.read_text()).get("max_epoch") == want:
+            return cand
+    return None
+
+
+def _twin_experiment(template: AsrExperiment, bench: Path, main_exp: Path, twin: str, config: Path,
+                     train_args: List[str], max_epoch: Optional[int]) -> AsrExperiment:
+    """The twin's training dir; an fp32 baseline already trained with the same epochs is reused."""
+    exp = dataclasses.replace(template, exp_dir=bench / f"asr_{twin}", train_config=config, train_args=train_args)
+    if twin == "conformer":
+        found = find_baseline(main_exp, max_epoch, exp.inference_model)
+        if found is not None:
+            log.info("reusing the fp32 baseline %s as the 'full' twin", found)
+            exp = dataclasses.replace(exp, exp_dir=found)
+    return exp
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--config", type=Path, default=NESTED_CONFIG, help="all-in-one training config")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    clean_environment()
+    exp_dir = args.exp_dir.resolve()
+    bench = exp_dir / "benchmarks" / "nested_supernet"
+    out = exp_dir / "benchmarks"
+    train_args = list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
+
+    drift = {c.name: check_mirrors_baseline(c) for c in [args.config, *(cfg for _, cfg in TWINS.values())]}
+    drift = {k: v for k, v in drift.items() if v}
+    if drift:
+        log.warning("configs differ from %s outside encoder/model: %s", BASELINE_CONFIG.name, drift)
+
+    template = prepare_corpus(args)
+    nested = dataclasses.replace(template, exp_dir=bench / "asr_nested", train_config=args.config.resolve(),
+                                 train_args=train_args)
+    twins = {sys_name: (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch))
+             for sys_name, (twin, cfg) in TWINS.items()}
+    systems = list(yaml.safe_load(args.config.read_text())["model_conf"]["systems"])
+    missing = [s for s in systems if s not in TWINS]
+    if missing:
+        raise SystemExit(f"{args.config}: no twin config known for system(s) {missing}; known: {list(TWINS)}")
+
+    # ---- training: the one pass, then each twin separately (same epochs)
+    records: Dict[str, TrainRecord] = {}
+    jobs = [("all-in-one", nested)] + [(twin, exp) for twin, exp in twins.values()]
+    for name, exp in tqdm(jobs, desc="train", unit="model"):
+        records[name] = timed_train(name, exp, args.max_epoch)
+
+    # ---- decoding: every nested system from the one checkpoint, each twin
+    decodes = {s: tagged(nested, f"sys_{s}", {"ESPNET_COMPRESS_SYSTEM": s}) for s in systems}
+    for s, dec in tqdm(decodes.items(), desc="decode nested", unit="system"):
+        dec.decode()
+    for twin, exp in tqdm(twins.values(), desc="decode twins", unit="model"):
+        exp.decode()
+
+    # ---- export every system on its own; the 4-bit twin packed (what it would deploy)
+    from espnet_compress.export.packed_export import PACKED_NAME, export_packed
+    from espnet_compress.export.system_export import export_system
+
+    exports = {}
+    for s in tqdm(systems, desc="export", unit="system"):
+        sys_dir = nested.exp_dir / "systems" / s
+        done = sys_dir / "export.json"
+        if done.exists():
+            exports[s] = json.loads(done.read_text())
+            continue
+        res = export_system(nested.exp_dir / "config.yaml", nested.exp_dir / nested.inference_model, s, sys_dir)
+        exports[s] = {"model_file": str(res.model_file), "bytes": res.model_file.stat().st_size,
+                      "params": res.num_params, "stock": res.stock, "packed": res.packed}
+        atomic_write_text(done, json.dumps(exports[s], indent=2) + "\n")
+    twin_files = {}
+    for s, (twin, exp) in twins.items():
+        model_file = exp.exp_dir / exp.inference_model
+        if yaml.safe_load((exp.exp_dir / "config.yaml").read_text()).get("model") == "compressed":
+            packed_dir = exp.exp_dir / "packed"
+            if not (packed_dir / PACKED_NAME).exists():
+                export_packed(exp.exp_dir / "config.yaml", model_file, packed_dir)
+            model_file = packed_dir / PACKED_NAME
+        twin_files[s] = model_file
+
+    # ---- scoring: each nested system vs its twin (MAPSSWE), and all vs the fp32 baseline
+    from espnet_compress.scoring.compare import SystemSpec, compare, verdict_text
+
+    twin_params = {s: build_params(exp.exp_dir / "config.yaml") for s, (_, exp) in twins.items()}
+    rows: List[Row] = []
+    score_dir = bench / "compare"
+    for s in systems:
+        twin, exp = twins[s]
+        specs = [SystemSpec(twin, exp.decode_dir(), twin_files[s], twin_params[s]),
+                 SystemSpec(f"nested_{s}", decodes[s].decode_dir(), Path(exports[s]["model_file"]),
+                            exports[s]["params"])]
+        table = compare(specs, twin, template.data_dir, ["test"], score_dir / f"{s}_vs_{twin}")
+        base_row, row = table.rows
+        sig = row.significance["test"]
+        rows.append(Row(
+            system=s, spec=_spec(nested.exp_dir / "config.yaml", s), nested_params=exports[s]["params"],
+            nested_bytes=exports[s]["bytes"], nested_file=exports[s]["model_file"], nested_stock=exports[s]["stock"],
+            nested_wer=row.wer["test"].wer, twin=twin, twin_params=twin_params[s], twin_bytes=twin_files[s].stat().st_size,
+            twin_file=str(twin_files[s]), twin_wer=base_row.wer["test"].wer, verdict=verdict_text(sig),
+            p_value=None if sig is None else sig.p_value, twin_train_seconds=records[twin].seconds,
+        ))
+    all_specs = [SystemSpec("conformer", twins["full"][1].decode_dir(), twin_files["full"], twin_params["full"])]
+    all_specs += [SystemSpec(f"nested_{s}", decodes[s].decode_dir(), Path(exports[s]["model_file"]), exports[s]["params"])
+                  for s in systems]
+    all_specs += [SystemSpec(twins[s][0], twins[s][1].decode_dir(), twin_files[s], twin_params[s])
+                  for s in systems if s != "full"]
+    vs_baseline = compare(all_specs, "conformer", template.data_dir, ["test"], score_dir / "all_vs_fp32")
+
+    # ---- storage and training cost
+    largest = rows[0]  # the first listed system is the largest
+    all_in_one = nested.exp_dir / nested.inference_model
+    storage = {
+        "all_in_one_bytes": all_in_one.stat().st_size,
+        "exported_sum_bytes": sum(r.nested_bytes for r in rows),
+        "twins_sum_bytes": sum(r.twin_bytes for r in rows),
+        "largest_system_bytes": largest.nested_bytes,
+        "num_systems": len(rows),
+    }
+    storage["all_in_one_vs_largest"] = storage["all_in_one_bytes"] / storage["largest_system_bytes"]
+    storage["exported_sum_vs_largest"] = storage["exported_sum_bytes"] / storage["largest_system_bytes"]
+    storage["twins_sum_vs_largest"] = storage["twins_sum_bytes"] / storage["largest_system_bytes"]
+    storage["twins_sum_vs_all_in_one"] = storage["twins_sum_bytes"] / storage["all_in_one_bytes"]
+    one = records["all-in-one"].seconds
+    separate = [records[r.twin].seconds for r in rows]
+    cost = {
+        "one_pass_seconds": one,
+        "separate_seconds": dict(zip([r.twin for r in rows], separate)),
+        "separate_sum_seconds": None if None in separate else sum(separate),
+        "time_sources": {k: v.source for k, v in records.items()},
+    }
+    cost["speedup_separate_over_one_pass"] = (
+        None if one is None or cost["separate_sum_seconds"] is None else cost["separate_sum_seconds"] / one)
+
+    text = _markdown(rows, storage, cost, vs_baseline.to_markdown(), args, drift)
+    print(text)
+    atomic_write_text(out / "nested_supernet.md", text)
+    atomic_write_text(out / "nested_supernet.json", json.dumps({
+        "config": str(args.config), "max_epoch": args.max_epoch, "rows": [dataclasses.asdict(r) for r in rows],
+        "storage": storage, "training": cost, "vs_fp32_baseline": vs_baseline.to_dict(),
+        "config_drift": drift,
+    }, indent=2, default=str) + "\n")
+    _plot(rows, storage, out / "nested_supernet_wer_vs_bytes.png")
+    return 0
+
+
+def _spec(config: Path, system: str) -> Dict[str, Any]:
+    return (yaml.safe_load(config.read_text())["model_conf"]["systems"][system]) or {}
+
+
+def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, args, drift) -> str:
+    lines = [
+        "## Nested systems of one all-in-one model vs individually trained twins",
+        "",
+        "| system | spec | nested params | nested bytes | nested WER % | twin | twin bytes | twin WER % | "
+        "MAPSSWE nested vs twin | twin train s |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        spec = json.dumps(r.spec, separators=(",", ":")) if r.spec else "{}"
+        lines.append(
+            f"| {r.system} | `{spec}` | {r.nested_params:,} | {r.nested_bytes:,} | {r.nested_wer:.2f} | {r.twin} | "
+            f"{r.twin_bytes:,} | {r.twin_wer:.2f} | {r.verdict} | {fmt_seconds(r.twin_train_seconds)} |")
+    s, c = storage, cost
+    speed = c["speedup_separate_over_one_pass"]
+    lines += [
+        "",
+        f"Storage: one all-in-one checkpoint {s['all_in_one_bytes']:,} B = {s['all_in_one_vs_largest']:.2f}x the "
+        f"largest system's export ({s['largest_system_bytes']:,} B); the {s['num_systems']} systems exported "
+        f"separately {s['exported_sum_bytes']:,} B = {s['exported_sum_vs_largest']:.2f}x; the {s['num_systems']} "
+        f"individually trained twins {s['twins_sum_bytes']:,} B = {s['twins_sum_vs_largest']:.2f}x "
+        f"({s['twins_sum_vs_all_in_one']:.2f}x the all-in-one file).",
+        "",
+        f"Training cost (wall time, one run each, shared 2-core machine): all-in-one {fmt_seconds(c['one_pass_seconds'])} s "
+        f"vs separate twins {fmt_seconds(c['separate_sum_seconds'])} s in total: "
+        f"sum(separate) / one-pass = {'n/a' if speed is None else f'{speed:.2f}x'}. "
+        f"Time sources: {', '.join(f'{k}: {v}' for k, v in c['time_sources'].items())}.",
+        "",
+        f"Epochs: {'configs default' if args.max_epoch is None else args.max_epoch} for every training. "
+        "Nested systems are decoded from the one all-in-one checkpoint (stock asr_inference, "
+        "ESPNET_COMPRESS_SYSTEM); nested bytes/params are those of `export_system`'s standalone file "
+        "(stock .pth for fp32 systems, packed for 4-bit); the 4-bit twin's bytes are its packed export. "
+        "MAPSSWE: two-sided, alpha 0.05, twin as the baseline; \"lossless\" = no significant difference.",
+    ]
+    if drift:
+        lines += ["", f"WARNING: configs differ from the baseline outside encoder/model: {drift}"]
+    lines += ["", "### Every system vs the fp32 baseline", "", vs_baseline]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: Sequence[Row], storage: Dict, path: Path) -> None:
+    plt = plot_setup()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in rows:
+        ax.plot([r.nested_bytes / 1e6, r.twin_bytes / 1e6], [r.nested_wer, r.twin_wer], color="0.8", zorder=1)
+        ax.scatter(r.nested_bytes / 1e6, r.nested_wer, color="C0", marker="o", zorder=2,
+                   label="nested (one all-in-one model)" if r is rows[0] else None)
+        ax.scatter(r.twin_bytes / 1e6, r.twin_wer, color="C1", marker="s", zorder=2,
+                   label="trained on its own" if r is rows[0] else None)
+        ax.annotate(r.system, (r.nested_bytes / 1e6, r.nested_wer), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(storage["all_in_one_bytes"] / 1e6, color="C0", ls=":", lw=1, label="all-in-one checkpoint")
+    ax.set_xlabel("model size on disk (MB)")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("spoken_commands test: nested systems vs twins")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
