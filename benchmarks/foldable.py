@@ -185,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 plan = plan_for(s, depth, i, options[i])
                 tag = f"d{depth}_p{i}"
                 env = {"ESPNET_COMPRESS_PLAN": json.dumps(plan)}
-                jobs.append((s, depth, i, options[i], tagged(exp, tag, env, override)))
+                # decodes live in this benchmark's dir even when the baseline training is reused
+                jobs.append((s, depth, i, options[i], tagged(exp, tag, env, override, bench / f"asr_{s.name}")))
     for s, depth, i, path, dec in tqdm(jobs, desc="decode", unit="plan"):
         dec.decode()
 
@@ -235,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "max_epoch": args.max_epoch, "depths": args.depths, "max_paths": args.max_paths, "baseline": base_name,
         "systems": {s.name: {"config": str(s.config), "label": s.label, "physical_blocks": s.physical,
                              "params": params[s.name], "train_seconds": records[s.name].seconds,
+                             "train_cpu_seconds": records[s.name].cpu_seconds,
                              "train_time_source": records[s.name].source} for s in SYSTEMS},
         "cells": [dataclasses.asdict(c) for c in cells.values()], "config_drift": drift,
     }, indent=2) + "\n")

@@ -29,7 +29,8 @@ Usage::
     nice -n 19 .venv/bin/python benchmarks/foldable_memory.py --exp_dir exp/tiny
 
 Input shape: if ``<exp_dir>/asr_stats/train/speech_shape`` exists, the median utterance length
-and the batch size that the config's ``batch_bins`` (numel batches) gives it; else 48 x 150 frames.
+and the batch size that the config's ``batch_bins`` (numel batches) gives it; else 48 x 150 frames;
+feature dimension = the config's ``frontend_conf.n_mels``.
 Writes ``<exp_dir>/benchmarks/foldable_memory.{md,json}``. Nothing is trained to disk, so there is
 nothing to restart; a run takes about a minute (tiny preset).
 """
@@ -97,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from espnet_compress import register
 
-    register(asr_task)
+    register()  # idempotent; the import hook normally did it already
     conf = yaml.safe_load(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(args.config)
@@ -110,7 +111,8 @@ def worker(args: argparse.Namespace) -> None:
         tokens = Path(tmp) / "tokens.txt"
         tokens.write_text("\n".join(["<blank>", "<unk>"] + [f"w{i}" for i in range(args.vocab - 3)] + ["<sos/eos>"]) + "\n")
         parser = asr_task.ASRTask.get_parser()
-        targs = parser.parse_args(["--config", str(config), "--token_list", str(tokens), "--input_size", "80"])
+        targs = parser.parse_args(["--config", str(config), "--token_list", str(tokens),
+                                   "--input_size", str(args.feat_dim)])
         targs.normalize = None  # global_mvn needs corpus statistics; a fixed affine map costs nothing
         gc.collect()
         rss_imports = _maxrss_bytes()
@@ -125,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
 
     g = torch.Generator().manual_seed(0)
     B, T, L = args.batch, args.frames, args.text_len
-    speech = torch.randn(B, T, 80, generator=g)
+    speech = torch.randn(B, T, args.feat_dim, generator=g)
     speech_lengths = torch.full((B,), T, dtype=torch.long)
     text = torch.randint(2, args.vocab - 1, (B, L), generator=g)
     text_lengths = torch.full((B,), L, dtype=torch.long)
@@ -196,16 +198,19 @@ class Row:
 
 
 def input_shape(exp_dir: Path, config: Path) -> tuple:
-    """(batch, frames, source) from the corpus' utterance lengths and the config's batch_bins."""
+    """(batch, frames, feature dim, source): the frontend's mel bins; the corpus's median utterance
+    length and the batch size the config's numel ``batch_bins`` gives utterances of that length."""
+    conf = yaml.safe_load(config.read_text())
+    frontend = conf.get("frontend_conf") or {}
+    dim = int(frontend.get("n_mels", 80))
     shape = exp_dir / "asr_stats" / "train" / "speech_shape"
     if not shape.exists():
-        return 48, 150, "default (no corpus stats found)"
+        return 48, 150, dim, "default 48 x 150 frames (no corpus stats found)"
     lengths = [int(ln.split()[1].split(",")[0]) for ln in shape.read_text().splitlines() if ln.strip()]
-    conf = yaml.safe_load(config.read_text())
-    hop = (conf.get("frontend_conf") or {}).get("hop_length", 160)
+    hop = frontend.get("hop_length", 160)
     median = int(statistics.median(lengths))
     batch = max(1, min(64, int(conf.get("batch_bins", 1_000_000)) // median))
-    return batch, median // hop + 1, f"{shape} (median {median} samples, batch_bins {conf.get('batch_bins')})"
+    return batch, median // hop + 1, dim, f"{shape} (median {median} samples, batch_bins {conf.get('batch_bins')})"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -223,6 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--single_loss", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--feat_dim", type=int, default=80, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
         worker(args)
@@ -230,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     exp_dir = args.exp_dir.resolve()
     models = PRESETS[args.preset]
-    batch, frames, source = input_shape(exp_dir, models[0][1])
+    batch, frames, feat_dim, source = input_shape(exp_dir, models[0][1])
     batch, frames = args.batch or batch, args.frames or frames
     rows: List[Row] = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -238,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         env.pop(k, None)
     for name, config, physical, depth, single in tqdm(models, desc="models", unit="model"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "--config", str(config),
-               "--steps", str(args.steps), "--batch", str(batch), "--frames", str(frames),
+               "--steps", str(args.steps), "--batch", str(batch), "--frames", str(frames), "--feat_dim", str(feat_dim),
                "--text_len", str(args.text_len), "--vocab", str(args.vocab), "--threads", str(args.threads)]
         if single:
             cmd.append("--single_loss")
@@ -263,7 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{r.peak_increase / MB:.0f} | {r.step_seconds:.2f} |")
     note = (
         f"\n{args.steps} training steps (forward, backward, {rows[0].optimizer} step) per model on random input "
-        f"{batch} x {frames} frames x 80 dims, {args.text_len} tokens, vocabulary {args.vocab}; "
+        f"{batch} x {frames} frames x {feat_dim} mel features (no frontend), {args.text_len} tokens, "
+        f"vocabulary {args.vocab}; "
         f"input shape from {source}; {args.threads} thread(s); each model in a fresh process. "
         "params+grads+Adam and saved activations are exact byte counts; peak RSS is "
         "`getrusage(RUSAGE_SELF).ru_maxrss` (includes the interpreter, libraries and allocator slack; the "
@@ -275,7 +282,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = exp_dir / "benchmarks"
     atomic_write_text(out / f"foldable_memory{'' if args.preset == 'tiny' else '_' + args.preset}.md", text)
     atomic_write_text(out / f"foldable_memory{'' if args.preset == 'tiny' else '_' + args.preset}.json", json.dumps({
-        "preset": args.preset, "steps": args.steps, "batch": batch, "frames": frames, "text_len": args.text_len,
+        "preset": args.preset, "steps": args.steps, "batch": batch, "frames": frames, "feat_dim": feat_dim,
+        "text_len": args.text_len,
         "vocab": args.vocab, "threads": args.threads, "input_shape_source": source,
         "rows": [dict(dataclasses.asdict(r), training_state_bytes=r.training_state_bytes,
                       peak_increase=r.peak_increase) for r in rows],

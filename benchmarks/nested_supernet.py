@@ -3,9 +3,9 @@
 What it measures (arXiv 2406.10160's claims, at toy scale):
 
 * one training run of ``conf/spoken_commands/train_asr_nested_conformer_tiny.yaml`` (systems
-  ``full``, ``depth3``, ``ffn288``, ``int4`` sharing one set of weights) against four separate
+  ``full``, ``depth3``, ``ffn192``, ``int4`` sharing one set of weights) against four separate
   trainings of their "twins" (``train_asr_conformer_tiny.yaml``, ``..._depth3.yaml``,
-  ``..._ffn288.yaml``, ``train_asr_quantized_conformer_tiny_4bit_scratch.yaml``), all for the same
+  ``..._ffn192.yaml``, ``train_asr_quantized_conformer_tiny_4bit_scratch.yaml``), all for the same
   number of epochs through stock ``espnet2.bin.asr_train``;
 * WER of every nested system, decoded from the ONE all-in-one checkpoint by stock
   ``asr_inference`` with ``ESPNET_COMPRESS_SYSTEM=<name>``, vs its twin (sclite + MAPSSWE);
@@ -125,7 +125,20 @@ def prepare_corpus(args: argparse.Namespace) -> AsrExperiment:
                         num_test=args.num_test, nj=args.nj, progress=True)
     make_token_list(data / "train" / "text", template.token_list)
     collect_stats(template)
+    _check_stats_dim(template.stats_dir / "train" / "feats_stats.npz", BASELINE_CONFIG)
     return template
+
+
+def _check_stats_dim(stats: Path, config: Path) -> None:
+    """Feature statistics made with another frontend (e.g. before the baseline's mel bins changed)
+    would break global_mvn in every training; fail early with the reason."""
+    import numpy as np
+
+    dim = int((yaml.safe_load(config.read_text()).get("frontend_conf") or {}).get("n_mels", 80))
+    have = int(np.load(stats)["sum"].shape[-1])
+    if have != dim:
+        raise SystemExit(f"{stats} holds {have}-dim feature statistics but {config.name} makes {dim}-dim "
+                         f"features (frontend_conf.n_mels); use a fresh --exp_dir or remove {stats.parent.parent}")
 
 
 def check_mirrors_baseline(config: Path, baseline: Path = BASELINE_CONFIG) -> List[str]:
@@ -140,9 +153,10 @@ def check_mirrors_baseline(config: Path, baseline: Path = BASELINE_CONFIG) -> Li
 class TrainRecord:
     name: str
     exp_dir: Path
-    seconds: Optional[float]
+    seconds: Optional[float]  # wall time
     source: str  # how the time was obtained
     trained_now: bool
+    cpu_seconds: Optional[float] = None  # user+sys CPU time of asr_train and its workers
 
 
 def _configured_epochs(config: Path) -> int:
@@ -161,27 +175,37 @@ def timed_train(name: str, exp: AsrExperiment, max_epoch: Optional[int]) -> Trai
             raise SystemExit(f"{exp.exp_dir} was trained for {have} epochs, this run asks for {want}; "
                              f"use another --exp_dir or remove that directory")
     resumed = (exp.exp_dir / "checkpoint.pth").exists() and not model.exists()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu()
     trained = exp.train()
     if trained:
-        seconds = time.perf_counter() - start
-        record = {"seconds": seconds, "max_epoch": want, "resumed": resumed,
+        seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
+        record = {"seconds": seconds, "cpu_seconds": cpu, "max_epoch": want, "resumed": resumed,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}
         atomic_write_text(exp.exp_dir / TIME_FILE, json.dumps(record, indent=2) + "\n")
-        return TrainRecord(name, exp.exp_dir, seconds, "timer (resumed: partial)" if resumed else "timer", True)
-    seconds, source = read_train_seconds(exp.exp_dir)
-    return TrainRecord(name, exp.exp_dir, seconds, source, False)
+        return TrainRecord(name, exp.exp_dir, seconds, "timer (resumed: partial)" if resumed else "timer", True, cpu)
+    seconds, source, cpu = read_train_seconds(exp.exp_dir)
+    return TrainRecord(name, exp.exp_dir, seconds, source, False, cpu)
+
+
+def _children_cpu() -> float:
+    """User+sys CPU seconds of finished child processes (and the children they waited for). On a
+    shared machine this is the reproducible cost; wall time also counts waiting for the CPU."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 _LOG_TIME = re.compile(r"^\[[^\]]*\] (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ ")
 
 
 def read_train_seconds(exp_dir: Path) -> tuple:
-    """Wall time of a finished training: our own record, else first/last timestamps of train.log."""
+    """(wall seconds, source, CPU seconds) of a finished training: our own record, else the first
+    and last timestamps of train.log (CPU time unknown)."""
     rec = exp_dir / TIME_FILE
     if rec.exists():
         info = json.loads(rec.read_text())
-        return info["seconds"], "timer (resumed: partial)" if info.get("resumed") else "timer"
+        return info["seconds"], "timer (resumed: partial)" if info.get("resumed") else "timer", info.get("cpu_seconds")
     stamps = []
     log_file = exp_dir / "train.log"
     if log_file.exists():
@@ -190,8 +214,8 @@ def read_train_seconds(exp_dir: Path) -> tuple:
             if m:
                 stamps.append(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
     if len(stamps) >= 2:
-        return (stamps[-1] - stamps[0]).total_seconds(), "train.log timestamps"
-    return None, "unknown"
+        return (stamps[-1] - stamps[0]).total_seconds(), "train.log timestamps", None
+    return None, "unknown", None
 
 
 @dataclasses.dataclass
@@ -206,10 +230,12 @@ class TaggedDecode(AsrExperiment):
     tag: str = ""
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     train_config_override: Optional[Path] = None
+    decode_root: Optional[Path] = None  # default: the training dir (like asr.sh)
 
     def decode_dir(self) -> Path:
         base = super().decode_dir()
-        return base.with_name(f"{base.name}_{self.tag}") if self.tag else base
+        name = f"{base.name}_{self.tag}" if self.tag else base.name
+        return (self.decode_root or base.parent) / name
 
     def decode(self, extra_args: Sequence[str] = ()) -> bool:
         extra = list(extra_args)
@@ -220,9 +246,10 @@ class TaggedDecode(AsrExperiment):
 
 
 def tagged(exp: AsrExperiment, tag: str = "", env: Optional[Mapping[str, str]] = None,
-           train_config_override: Optional[Path] = None) -> TaggedDecode:
+           train_config_override: Optional[Path] = None, decode_root: Optional[Path] = None) -> TaggedDecode:
     fields = {f.name: getattr(exp, f.name) for f in dataclasses.fields(AsrExperiment)}
-    return TaggedDecode(**fields, tag=tag, env=dict(env or {}), train_config_override=train_config_override)
+    return TaggedDecode(**fields, tag=tag, env=dict(env or {}), train_config_override=train_config_override,
+                        decode_root=decode_root)
 
 
 def build_params(config: Path, model_file: Optional[Path] = None) -> int:
@@ -252,7 +279,7 @@ NESTED_CONFIG = CONF_DIR / "train_asr_nested_conformer_tiny.yaml"
 TWINS: Dict[str, tuple] = {
     "full": ("conformer", BASELINE_CONFIG),
     "depth3": ("conformer_depth3", CONF_DIR / "train_asr_conformer_tiny_depth3.yaml"),
-    "ffn288": ("conformer_ffn288", CONF_DIR / "train_asr_conformer_tiny_ffn288.yaml"),
+    "ffn192": ("conformer_ffn192", CONF_DIR / "train_asr_conformer_tiny_ffn192.yaml"),
     "int4": ("qat_4bit_scratch", CONF_DIR / "train_asr_quantized_conformer_tiny_4bit_scratch.yaml"),
 }
 
@@ -274,6 +301,7 @@ class Row:
     verdict: str
     p_value: Optional[float]
     twin_train_seconds: Optional[float]
+    twin_train_cpu_seconds: Optional[float]
 
 
 def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "valid.acc.best.pth") -> Optional[Path]:
@@ -385,6 +413,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             nested_wer=row.wer["test"].wer, twin=twin, twin_params=twin_params[s], twin_bytes=twin_files[s].stat().st_size,
             twin_file=str(twin_files[s]), twin_wer=base_row.wer["test"].wer, verdict=verdict_text(sig),
             p_value=None if sig is None else sig.p_value, twin_train_seconds=records[twin].seconds,
+            twin_train_cpu_seconds=records[twin].cpu_seconds,
         ))
     all_specs = [SystemSpec("conformer", twins["full"][1].decode_dir(), twin_files["full"], twin_params["full"])]
     all_specs += [SystemSpec(f"nested_{s}", decodes[s].decode_dir(), Path(exports[s]["model_file"]), exports[s]["params"])
@@ -417,6 +446,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     cost["speedup_separate_over_one_pass"] = (
         None if one is None or cost["separate_sum_seconds"] is None else cost["separate_sum_seconds"] / one)
+    one_cpu = records["all-in-one"].cpu_seconds
+    separate_cpu = [records[r.twin].cpu_seconds for r in rows]
+    cost["one_pass_cpu_seconds"] = one_cpu
+    cost["separate_sum_cpu_seconds"] = None if None in separate_cpu else sum(separate_cpu)
+    cost["cpu_speedup_separate_over_one_pass"] = (
+        None if one_cpu is None or cost["separate_sum_cpu_seconds"] is None else cost["separate_sum_cpu_seconds"] / one_cpu)
 
     text = _markdown(rows, storage, cost, vs_baseline.to_markdown(), args, drift)
     print(text)
@@ -439,16 +474,16 @@ def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, 
         "## Nested systems of one all-in-one model vs individually trained twins",
         "",
         "| system | spec | nested params | nested bytes | nested WER % | twin | twin bytes | twin WER % | "
-        "MAPSSWE nested vs twin | twin train s |",
+        "MAPSSWE nested vs twin | twin train s (wall / CPU) |",
         "|---|---|---:|---:|---:|---|---:|---:|---|---:|",
     ]
     for r in rows:
         spec = json.dumps(r.spec, separators=(",", ":")) if r.spec else "{}"
         lines.append(
             f"| {r.system} | `{spec}` | {r.nested_params:,} | {r.nested_bytes:,} | {r.nested_wer:.2f} | {r.twin} | "
-            f"{r.twin_bytes:,} | {r.twin_wer:.2f} | {r.verdict} | {fmt_seconds(r.twin_train_seconds)} |")
+            f"{r.twin_bytes:,} | {r.twin_wer:.2f} | {r.verdict} | {fmt_seconds(r.twin_train_seconds)} / {fmt_seconds(r.twin_train_cpu_seconds)} |")
     s, c = storage, cost
-    speed = c["speedup_separate_over_one_pass"]
+    speed, cpu_speed = c["speedup_separate_over_one_pass"], c["cpu_speedup_separate_over_one_pass"]
     lines += [
         "",
         f"Storage: one all-in-one checkpoint {s['all_in_one_bytes']:,} B = {s['all_in_one_vs_largest']:.2f}x the "
@@ -457,9 +492,11 @@ def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, 
         f"individually trained twins {s['twins_sum_bytes']:,} B = {s['twins_sum_vs_largest']:.2f}x "
         f"({s['twins_sum_vs_all_in_one']:.2f}x the all-in-one file).",
         "",
-        f"Training cost (wall time, one run each, shared 2-core machine): all-in-one {fmt_seconds(c['one_pass_seconds'])} s "
-        f"vs separate twins {fmt_seconds(c['separate_sum_seconds'])} s in total: "
-        f"sum(separate) / one-pass = {'n/a' if speed is None else f'{speed:.2f}x'}. "
+        f"Training cost, one run each on a shared 2-core machine: wall time all-in-one {fmt_seconds(c['one_pass_seconds'])} s "
+        f"vs separate twins {fmt_seconds(c['separate_sum_seconds'])} s in total, sum(separate) / one-pass = "
+        f"{'n/a' if speed is None else f'{speed:.2f}x'}; CPU time (user+sys of asr_train, robust to other load) "
+        f"{fmt_seconds(c['one_pass_cpu_seconds'])} s vs {fmt_seconds(c['separate_sum_cpu_seconds'])} s = "
+        f"{'n/a' if cpu_speed is None else f'{cpu_speed:.2f}x'}. "
         f"Time sources: {', '.join(f'{k}: {v}' for k, v in c['time_sources'].items())}.",
         "",
         f"Epochs: {'configs default' if args.max_epoch is None else args.max_epoch} for every training. "

@@ -85,7 +85,7 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
     kept, remap, steps, widths = _layout(model, name)
     conf = copy.deepcopy(train_config)
     enc = conf["encoder_conf"]
-    for key in ("plan", "quant_conf"):
+    for key in ("plan", "quant_conf", "fold"):  # fold: foldable_conformer only; the plan bakes the path in
         enc.pop(key, None)
     enc["num_blocks"] = len(kept)
     enc["linear_units"] = max(widths)

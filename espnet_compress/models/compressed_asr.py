@@ -196,8 +196,13 @@ class CompressedASRModel(ESPnetASRModel):
                 stats.update({f"{key}_{name}": None for key in ("loss", "acc", "kl")})
         for name in names:
             rng.restore()
+            # Without a frontend (extracted features) ESPnet's encode() hands ``speech`` itself to
+            # SpecAugment and GlobalMVN, which modify it IN PLACE when it needs no grad: later systems
+            # would see an augmented, twice-normalized batch, and backward fails on the tensor saved
+            # by the first system. Each system gets its own copy of the features.
+            inputs = speech.clone() if self.frontend is None else speech
             with self.system(name):
-                loss, sys_stats, _ = super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
+                loss, sys_stats, _ = super().forward(inputs, speech_lengths, text, text_lengths, **kwargs)
             captured = dict(self._captured)
             if name == self.largest:
                 teacher = {k: v.detach() for k, v in captured.items()}

@@ -166,13 +166,19 @@ def count_parameters(model_file: Path) -> int:
 
     Loads with ``weights_only=True`` so an untrusted checkpoint cannot execute code. Accepts a plain
     state dict (``*.pth`` written by ESPnet's averaging/packing) or ESPnet's training ``checkpoint.pth``
-    (``{"model": state_dict, "optimizers": ...}``; only the model part counts). Tensors nested in
+    (``{"model": state_dict, "optimizers": ...}``; only the model part counts), or a packed
+    low-bit checkpoint (its header's tensor shapes count). Tensors nested in
     tuples/lists (e.g. packed quantized Linear params) are counted; tensors sharing storage (tied
     weights) are counted once. torch is imported here so that scoring works without it.
     """
     import torch
 
+    from espnet_compress.quant.packed import MAGIC, is_packed
+
     obj = torch.load(model_file, map_location="cpu", weights_only=True)
+    if is_packed(obj):  # count the model's tensors, not the bytes of the packed payload
+        header = json.loads(obj[MAGIC])
+        return sum(math.prod(rec["shape"]) for rec in header["tensors"])
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping):
