@@ -70,7 +70,9 @@ def test_qat_system_is_decoded_from_its_packed_checkpoint(tiny_run):
     assert row.spec.model_file == out / "asr_qat_4bit" / "packed" / "model.packed.pth"
     assert (out / "asr_qat_4bit" / "train.log").read_text().count("--init_param") >= 1
     fp32 = out / "asr_qat_4bit" / "valid.acc.best.pth"
-    assert row.checkpoint_bytes < fp32.stat().st_size / 3
+    assert row.checkpoint_bytes < fp32.stat().st_size / 2  # the fp32 conv2d front end dominates a d=32 model
+    report = json.loads((out / "asr_qat_4bit" / "packed" / "size_report.json").read_text())
+    assert report["quantized_weights"]["ratio"] > 7.5  # 4-bit codes + one fp32 scale per tensor
     log = next((Path(row.spec.decode_dir) / "test" / "logdir").glob("asr_inference.*.log")).read_text()
     assert "espnet2.bin.asr_inference" in log.splitlines()[0]
 

@@ -116,9 +116,20 @@ def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
         specs.append(SystemSpec(name=system.name, decode_dir=exp.decode_dir(),
                                 model_file=exp.exp_dir / exp.inference_model))
     table = compare(specs, cfg.baseline, data, ["test"], out / "compare")
-    atomic_write_text(out / "report.md", _report(cfg, stages, table))
+    stages = _with_previous_timings(stages, out / "stages.json")
+    packed_reports = [out / f"asr_{s.name}" / "packed" / "size_report.json" for s in cfg.systems if s.packed]
+    atomic_write_text(out / "report.md", _report(cfg, stages, table, packed_reports))
     atomic_write_text(out / "stages.json", json.dumps([dataclasses.asdict(s) for s in stages], indent=2) + "\n")
     return table
+
+
+def _with_previous_timings(stages: List[Stage], previous: Path) -> List[Stage]:
+    """A rerun skips finished stages; keep the wall time measured when they actually ran."""
+    if not previous.exists():
+        return stages
+    earlier = {s["name"]: s for s in json.loads(previous.read_text()) if not s["skipped"]}
+    return [Stage(s.name, earlier[s.name]["seconds"], False) if s.skipped and s.name in earlier else s
+            for s in stages]
 
 
 def _export_packed(exp: AsrExperiment, packed_dir: Path) -> bool:
@@ -129,13 +140,20 @@ def _export_packed(exp: AsrExperiment, packed_dir: Path) -> bool:
     return True
 
 
+def _packed_row(report: Path) -> str:
+    r = json.loads(report.read_text())
+    return (f"| {report.parent.parent.name[len('asr_'):]} | {r['packed_file_bytes']:,} | {r['source_checkpoint_bytes']:,} | "
+            f"{r['ratio_overall']:.2f}x | {r['quantized_weights']['ratio']:.2f}x |")
+
+
 def _make_data(cfg: TinyRunConfig, data: Path) -> bool:
     reports = generate_corpus(data, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
                               num_test=cfg.num_test, nj=cfg.nj, progress=True)
     return any(not r.reused for r in reports)
 
 
-def _report(cfg: TinyRunConfig, stages: Sequence[Stage], table: ComparisonTable) -> str:
+def _report(cfg: TinyRunConfig, stages: Sequence[Stage], table: ComparisonTable,
+            packed_reports: Sequence[Path] = ()) -> str:
     lines = [
         "# spoken_commands: tiny end-to-end run",
         "",
@@ -145,6 +163,12 @@ def _report(cfg: TinyRunConfig, stages: Sequence[Stage], table: ComparisonTable)
         "## Systems",
         "",
         table.to_markdown(),
+        "## Compression (packed checkpoints, bytes on disk)",
+        "",
+        "| system | packed file bytes | fp32 checkpoint bytes | overall ratio | quantized weights ratio |",
+        "|---|---:|---:|---:|---:|",
+        *[_packed_row(p) for p in packed_reports if p.exists()],
+        "",
         "## Stage wall times",
         "",
         "| stage | seconds | note |",
