@@ -247,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _markdown(cells: Dict, params: Dict, records: Dict, args, base_name: str, drift: Dict) -> str:
     depths = args.depths
     head = "| system | training | physical blocks | params | " + " | ".join(
-        f"depth {d}: WER % (paths: min-max) | vs {base_name}" for d in depths) + " | train s |"
+        f"depth {d}: WER % (paths: min-max) | vs {base_name}" for d in depths) + " | train s (wall / CPU) |"
     lines = ["## Foldable Conformer: Table-4 trends on spoken_commands (test)", "", head,
              "|---|---|---:|---:|" + "---:|---|" * len(depths) + "---:|"]
     for s in SYSTEMS:
@@ -258,7 +258,7 @@ def _markdown(cells: Dict, params: Dict, records: Dict, args, base_name: str, dr
             rel = "" if c.rel_to_baseline is None or c.verdict == "baseline" else f"{c.rel_to_baseline:+.1%}, "
             cols += [f"{c.median_wer:.2f}{spread}", f"{rel}{c.verdict}"]
         lines.append(f"| {s.name} | {s.label} | {s.physical} | {params[s.name]:,} | " + " | ".join(cols) +
-                     f" | {fmt_seconds(records[s.name].seconds)} |")
+                     f" | {fmt_seconds(records[s.name].seconds)} / {fmt_seconds(records[s.name].cpu_seconds)} |")
     lines += [
         "",
         "WER of the median path at each executed depth (the paper reports the median); in brackets the number "
