@@ -240,6 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         batch, frames, feat_dim, source = input_shape(exp_dir, models[0][1])
     else:  # not the tiny corpus: a few telephone utterances of ~5 s (GPU batches are far larger)
         batch, frames, feat_dim, source = 4, 500, 80, "preset default (4 x 5 s utterances)"
+    if args.batch or args.frames:
+        source = f"the command line (else {batch} x {frames}: {source})"
     batch, frames = args.batch or batch, args.frames or frames
     rows: List[Row] = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -277,8 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"input shape from {source}; {args.threads} thread(s); each model in a fresh process. "
         "params+grads+Adam and saved activations are exact byte counts; peak RSS is "
         "`getrusage(RUSAGE_SELF).ru_maxrss` (includes the interpreter, libraries and allocator slack; the "
-        "next column subtracts the RSS measured right after the imports). Executed depth '4+2' = the joint "
-        "model runs the unfolded depth and the seed every step.\n"
+        "next column subtracts the RSS measured right after the imports). Executed depth 'N+n' = the joint "
+        "model runs the unfolded depth N and the seed depth n every step.\n"
     )
     text = "\n".join(lines) + "\n" + note
     print(text)
