@@ -63,6 +63,7 @@ from nested_supernet import (  # noqa: E402
     find_baseline,
     fmt_seconds,
     plot_setup,
+    save_plot,
     prepare_corpus,
     tagged,
     timed_train,
@@ -284,14 +285,8 @@ def _plot(cells: Dict, depths: Sequence[int], path: Path) -> None:
         ax.plot(depths, ys, marker=marker, color=f"C{k}", label=f"{s.name}: {s.label}")
         ax.fill_between(depths, lo, hi, color=f"C{k}", alpha=0.15, lw=0)
     ax.set_xticks(list(depths))
-    ax.set_xlabel("executed encoder depth (blocks run)")
-    ax.set_ylabel("WER (%)  [median path; band: min-max over paths]")
-    ax.set_title("spoken_commands test: foldable Conformer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, "executed encoder depth (blocks run)", "WER (%)  [median path; band: min-max over paths]",
+              "spoken_commands test: foldable Conformer", legend_size=7)
 
 
 if __name__ == "__main__":

@@ -273,6 +273,20 @@ def plot_setup():
     return plt
 
 
+def save_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """Label, grid, legend and write a benchmark figure (the finishing steps every plot shares)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------- this benchmark
 NESTED_CONFIG = CONF_DIR / "train_asr_nested_conformer_tiny.yaml"
 #: nested system -> (twin name, twin training config)
@@ -522,14 +536,7 @@ def _plot(rows: Sequence[Row], storage: Dict, path: Path) -> None:
                    label="trained on its own" if r is rows[0] else None)
         ax.annotate(r.system, (r.nested_bytes / 1e6, r.nested_wer), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axvline(storage["all_in_one_bytes"] / 1e6, color="C0", ls=":", lw=1, label="all-in-one checkpoint")
-    ax.set_xlabel("model size on disk (MB)")
-    ax.set_ylabel("WER (%)")
-    ax.set_title("spoken_commands test: nested systems vs twins")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path, "model size on disk (MB)", "WER (%)", "spoken_commands test: nested systems vs twins")
 
 
 if __name__ == "__main__":
