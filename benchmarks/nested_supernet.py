@@ -23,7 +23,9 @@ Usage (reusing the main job's data, token list, stats and fp32 baseline when com
 Everything is restartable: finished trainings, decodes and exports are reused (a training dir
 whose ``config.yaml`` has a different ``max_epoch`` is an error, not silently reused). Outputs:
 ``<exp_dir>/benchmarks/nested_supernet/`` (trainings, decodes, exports, scoring) and
-``<exp_dir>/benchmarks/nested_supernet.{md,json}`` + ``nested_supernet_wer_vs_bytes.png``.
+``<exp_dir>/benchmarks/nested_supernet.{md,json}`` + ``nested_supernet_wer_vs_bytes.png``
+(``nested_supernet_<tag>.*`` and ``asr_nested_<tag>/`` for a ``--tag``ged variant such as the sampled
+``train_asr_nested_conformer_tiny_random1.yaml``; the twins are trained once and shared).
 
 This module also holds the helpers ``benchmarks/foldable.py`` imports (corpus set-up, timed
 training, decoding under an environment/plan into its own directory).
@@ -346,12 +348,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--config", type=Path, default=NESTED_CONFIG, help="all-in-one training config")
+    p.add_argument("--tag", default="", help="names this all-in-one variant (its training dir and report files), "
+                                             "e.g. 'random1' for a sampled config; the twins are shared")
     args = p.parse_args(argv)
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", args.tag):
+        p.error(f"--tag must be letters, digits, '_' or '-', got {args.tag!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     clean_environment()
     exp_dir = args.exp_dir.resolve()
     bench = exp_dir / "benchmarks" / "nested_supernet"
     out = exp_dir / "benchmarks"
+    suffix = f"_{args.tag}" if args.tag else ""
     train_args = list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
 
     drift = {c.name: check_mirrors_baseline(c) for c in [args.config, *(cfg for _, cfg in TWINS.values())]}
@@ -360,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.warning("configs differ from %s outside encoder/model: %s", BASELINE_CONFIG.name, drift)
 
     template = prepare_corpus(args)
-    nested = dataclasses.replace(template, exp_dir=bench / "asr_nested", train_config=args.config.resolve(),
+    nested = dataclasses.replace(template, exp_dir=bench / f"asr_nested{suffix}", train_config=args.config.resolve(),
                                  train_args=train_args)
     twins = {sys_name: (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch))
              for sys_name, (twin, cfg) in TWINS.items()}
@@ -373,6 +380,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     records: Dict[str, TrainRecord] = {}
     jobs = [("all-in-one", nested)] + [(twin, exp) for twin, exp in twins.values()]
     for name, exp in tqdm(jobs, desc="train", unit="model"):
+        if name == "conformer":
+            # Looked up again now: foldable.py running alongside may have finished the shared
+            # baseline while the all-in-one model trained.
+            sys_name = next(s for s, (twin, _) in twins.items() if twin == name)
+            exp = _twin_experiment(template, bench, exp_dir, name, TWINS[sys_name][1], train_args, args.max_epoch)
+            twins[sys_name] = (name, exp)
         records[name] = timed_train(name, exp, args.max_epoch)
 
     # ---- decoding: every nested system from the one checkpoint, each twin
@@ -412,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     twin_params = {s: build_params(exp.exp_dir / "config.yaml") for s, (_, exp) in twins.items()}
     rows: List[Row] = []
-    score_dir = bench / "compare"
+    score_dir = bench / f"compare{suffix}"
     for s in systems:
         twin, exp = twins[s]
         specs = [SystemSpec(twin, exp.decode_dir(), twin_files[s], twin_params[s]),
@@ -469,13 +482,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     text = _markdown(rows, storage, cost, vs_baseline.to_markdown(), args, drift)
     print(text)
-    atomic_write_text(out / "nested_supernet.md", text)
-    atomic_write_text(out / "nested_supernet.json", json.dumps({
+    atomic_write_text(out / f"nested_supernet{suffix}.md", text)
+    atomic_write_text(out / f"nested_supernet{suffix}.json", json.dumps({
         "config": str(args.config), "max_epoch": args.max_epoch, "rows": [dataclasses.asdict(r) for r in rows],
         "storage": storage, "training": cost, "vs_fp32_baseline": vs_baseline.to_dict(),
         "config_drift": drift,
     }, indent=2, default=str) + "\n")
-    _plot(rows, storage, out / "nested_supernet_wer_vs_bytes.png")
+    _plot(rows, storage, out / f"nested_supernet{suffix}_wer_vs_bytes.png")
     return 0
 
 
@@ -484,8 +497,16 @@ def _spec(config: Path, system: str) -> Dict[str, Any]:
 
 
 def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, args, drift) -> str:
+    model_conf = yaml.safe_load(args.config.read_text()).get("model_conf", {})
+    sampling = model_conf.get("sampling", "all")
+    if sampling != "all":
+        sampling += f" ({model_conf.get('num_random_systems', 1)} random system(s) per step besides the largest)"
     lines = [
         "## Nested systems of one all-in-one model vs individually trained twins",
+        "",
+        f"All-in-one config `{args.config.name}`: sampling {sampling}, share_computation "
+        f"{model_conf.get('share_computation', True)}, kl_weight {model_conf.get('kl_weight', 0.1)} on "
+        f"{model_conf.get('kl_target', 'decoder')}.",
         "",
         "| system | spec | nested params | nested bytes | nested WER % | twin | twin bytes | twin WER % | "
         "MAPSSWE nested vs twin | twin train s (wall / CPU) |",

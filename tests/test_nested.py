@@ -57,8 +57,12 @@ def test_unknown_decode_system_and_options(asr_task, tmp_path):
         build(asr_task, tmp_path, decode_system="nope")
     with pytest.raises(SystemSpecError, match="kl_target"):
         build(asr_task, tmp_path, kl_target="encoder")
-    with pytest.raises(SystemSpecError, match="sampling"):
-        build(asr_task, tmp_path, sampling="random")
+    with pytest.raises(SystemSpecError, match="sampling: unknown mode 'shuffle'"):
+        build(asr_task, tmp_path, sampling="shuffle")
+    with pytest.raises(SystemSpecError, match="num_random_systems"):
+        build(asr_task, tmp_path, sampling="random", num_random_systems=-1)
+    with pytest.raises(SystemSpecError, match="share_computation"):
+        build(asr_task, tmp_path, share_computation="yes")
 
 
 def test_forward_reports_every_system_and_one_loss(asr_task, tmp_path):
@@ -108,6 +112,14 @@ def test_sampling_is_reproducible_and_sandwiched():
     assert draws != [SystemSampler(["l", "s", "x", "y", "z"], "l", "s", "sandwich", 1, seed=8).draw(s) for s in range(50)]
 
 
+def test_random_sampling_draws_the_largest_and_others_evenly():
+    sampler = SystemSampler(["l", "s", "x", "y"], "l", "s", "random", num_random=1, seed=0)
+    draws = [sampler.draw(step) for step in range(300)]
+    assert all(d[0] == "l" and len(d) == 2 for d in draws)
+    counts = {n: sum(d[1] == n for d in draws) for n in ("s", "x", "y")}
+    assert min(counts.values()) > 70, counts  # each of the 3 others about 100 times
+
+
 def test_sandwich_training_steps_follow_the_sampler(asr_task, tmp_path):
     model = build(asr_task, tmp_path, sampling="sandwich", num_random_systems=1, sampling_seed=3)
     model.train()
@@ -126,3 +138,61 @@ def test_decode_system_selects_plan_and_env_override(asr_task, tmp_path, monkeyp
     model = build(asr_task, tmp_path, decode_system="shallow")
     assert model.active_system == "int4"
     assert all(m.bits == 4 for m in model.encoder.quantizable_modules().values())
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_computation_gives_the_same_losses_and_gradients(asr_task, tmp_path):
+    """Sharing the input layer and common plan prefixes is exact (no dropout in ENC)."""
+    results = []
+    for share in (True, False):
+        model = build(asr_task, tmp_path, share_computation=share)
+        model.train()
+        loss, stats, _ = model(**batch())
+        loss.backward()
+        results.append((stats, _grads(model), model.last_step_sharing))
+    (shared_stats, shared_grads, (hits, misses)), (plain_stats, plain_grads, _) = results
+    for key in ("loss", *(f"loss_{n}" for n in SYSTEMS), "kl_shallow", "kl_narrow", "kl_int4"):
+        torch.testing.assert_close(shared_stats[key], plain_stats[key], rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # input layer: computed for 'full', reused by 'shallow' and 'narrow'; 'int4' quantizes
+    # embed.out.0, so it runs its own. Block 0 of 'shallow' ([0, 2]) is the full model's block 0.
+    assert (hits, misses) == (3, 12)
+
+
+def test_one_system_model_trains_exactly_like_stock_espnet(asr_task, tmp_path):
+    """Features computed once per step + the stock forward per system = ESPnet's own loss."""
+    enc = {k: v for k, v in ENC.items() if k != "quant_conf"}
+    stock = build(asr_task, tmp_path, encoder="elastic_conformer", enc=enc, systems=None, decoder_quant=None)
+    single = build(asr_task, tmp_path, encoder="elastic_conformer", enc=enc, systems={"only": {}},
+                   decoder_quant=None)
+    single.load_state_dict(stock.state_dict())
+    for model in (stock, single):
+        model.train()
+    loss_stock, _, _ = stock(**batch())
+    loss_single, stats, _ = single(**batch())
+    torch.testing.assert_close(loss_single, loss_stock)
+    torch.testing.assert_close(stats["loss_only"], loss_stock.detach())
+
+
+def test_every_system_sees_one_augmented_normalised_batch_without_frontend(asr_task, tmp_path):
+    """Regression: with extracted features (no front end) SpecAugment and GlobalMVN work in
+    place; each system must still see the batch augmented and normalised once."""
+    from espnet2.asr.specaug.specaug import SpecAug
+    from espnet2.layers.utterance_mvn import UtteranceMVN
+
+    model = build(asr_task, tmp_path, systems={"full": {}, "same": {"blocks": [0, 1, 2]}},
+                  share_computation=False)  # 'same' recomputes the encoder on what it is given
+    model.specaug = SpecAug(apply_time_warp=False, freq_mask_width_range=(0, 4), num_freq_mask=1,
+                            time_mask_width_range=(0, 5), num_time_mask=1)
+    model.normalize = UtteranceMVN()
+    model.train()
+    loss, stats, _ = model(**batch())
+    loss.backward()  # would fail if a tensor saved by one system were changed in place by the next
+    torch.testing.assert_close(stats["loss_same"], stats["loss_full"])
+    assert float(stats["kl_same"]) == pytest.approx(0.0, abs=1e-6)
+    assert model.specaug is not None and model.normalize is not None  # restored after the step

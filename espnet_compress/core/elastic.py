@@ -16,6 +16,7 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
 from espnet.nets.pytorch_backend.transformer.repeat import MultiSequential
 
 from espnet_compress.core.plan import ExecutionPlan
+from espnet_compress.core.sharing import SharedComputation, precision_signature
 
 
 def sliced_weight(module: torch.nn.Module, rows: Optional[int] = None, cols: Optional[int] = None) -> torch.Tensor:
@@ -71,15 +72,25 @@ class ElasticFeedForward(PositionwiseFeedForward):
 
 
 class _PlannedStep:
-    """One logical step: set the block's FFN width for this step, then run the physical block."""
+    """One logical step: set the block's FFN width for this step, then run the physical block
+    (or take its output from the step's shared computation when another system already ran the
+    same block, at the same width and precision, on the same input)."""
 
-    __slots__ = ("block", "units")
+    __slots__ = ("index", "block", "units", "memo")
 
-    def __init__(self, block: torch.nn.Module, units: Optional[int]) -> None:
-        self.block = block
-        self.units = units
+    def __init__(self, index: int, block: torch.nn.Module, units: Optional[int],
+                 memo: Optional[SharedComputation]) -> None:
+        self.index, self.block, self.units, self.memo = index, block, units, memo
 
     def __call__(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if self.memo is None:
+            return self._run(*args)
+        full = getattr(self.block.feed_forward, "full_units", None)
+        units = None if self.units == full else self.units
+        key = ("block", self.index, units, precision_signature(self.block))
+        return self.memo(key, self._run, *args)
+
+    def _run(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         for ffn in (self.block.feed_forward, getattr(self.block, "feed_forward_macaron", None)):
             if isinstance(ffn, ElasticFeedForward):
                 ffn.active_units = self.units
@@ -98,11 +109,14 @@ class ElasticBlockStack(MultiSequential):
     """
 
     plan: ExecutionPlan
+    #: set while a multi-system step shares computation between its systems (see ``sharing``)
+    memo: Optional[SharedComputation] = None
 
     @classmethod
     def convert(cls, stack: MultiSequential, plan: ExecutionPlan) -> "ElasticBlockStack":
         stack.__class__ = cls
         stack.plan = plan
+        stack.memo = None
         return stack
 
     def physical_blocks(self) -> Iterator[torch.nn.Module]:
@@ -116,4 +130,4 @@ class ElasticBlockStack(MultiSequential):
             if drop > 0.0 and float(torch.rand(())) < drop:
                 continue
             units = None if self.plan.ffn_units is None else self.plan.ffn_units[step]
-            yield _PlannedStep(blocks[idx], units)
+            yield _PlannedStep(idx, blocks[idx], units, self.memo)

@@ -18,6 +18,7 @@ from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
 from espnet_compress.core.elastic import ElasticBlockStack, ElasticFeedForward
 from espnet_compress.core.plan import ExecutionPlan, PlanError
+from espnet_compress.core.sharing import SharedComputation, precision_signature
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 from espnet_compress.utils.signature import merge_signature, reject_unknown_options
@@ -137,6 +138,26 @@ class ElasticConformerEncoder(ConformerEncoder):
             yield self.set_plan(plan)
         finally:
             self.set_plan(previous)
+
+    @contextlib.contextmanager
+    def sharing(self, memo: SharedComputation) -> Iterator[SharedComputation]:
+        """Within the body, forwards under different plans share identical sub-computations.
+
+        The input layer and every planned step consult ``memo``: a system whose plan starts like
+        another's (same blocks, widths and precisions) reuses that prefix instead of recomputing
+        it. The stock ``ConformerEncoder.forward`` calls ``self.embed(...)`` directly, so the
+        embedding is routed through the memo by an instance-level ``forward`` that exists only
+        inside this context.
+        """
+        embed = self.embed
+        original = embed.forward
+        embed.forward = lambda *args: memo(("embed", precision_signature(embed)), original, *args)
+        self.encoders.memo = memo
+        try:
+            yield memo
+        finally:
+            del embed.forward
+            self.encoders.memo = None
 
     def quantizable_modules(self) -> Dict[str, torch.nn.Module]:
         """Modules whose weight precision a plan can set (they carry a quantizer), by name."""

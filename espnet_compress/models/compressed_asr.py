@@ -11,15 +11,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import contextlib
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
-from espnet2.asr.espnet_model import ESPnetASRModel
+from espnet2.asr.espnet_model import ESPnetASRModel, autocast, autocast_type
 from espnet2.torch_utils.device_funcs import force_gatherable
 
+from espnet_compress.core.sharing import SharedComputation
 from espnet_compress.models.systems import (
     SystemSampler,
     SystemSpec,
@@ -27,9 +28,7 @@ from espnet_compress.models.systems import (
     parse_systems,
     weight_bits,
 )
-from espnet_compress.quant.api import set_bits
-
-from espnet_compress.quant.api import QuantConfig, quantize_
+from espnet_compress.quant.api import QuantConfig, quantize_, set_bits
 from espnet_compress.quant.inference import freeze_for_inference
 from espnet_compress.quant.packed import PackedModelError, is_packed, unpack_state_dict
 from espnet_compress.utils.signature import merge_signature, reject_unknown_options
@@ -49,11 +48,17 @@ class CompressedASRModel(ESPnetASRModel):
         kl_target: which distributions the KL compares: ``decoder`` (teacher-forced token
             posteriors, the main score of joint decoding, default), ``ctc`` (frame posteriors; all
             systems share the frame rate) or ``both`` (mean of the two).
-        sampling: ``all`` systems every step, or ``sandwich`` (largest + smallest + random ones).
-        num_random_systems: random systems per step in ``sandwich`` mode.
+        sampling: which systems train in a step: ``all``; ``sandwich`` (largest + smallest +
+            ``num_random_systems`` others); ``random`` (largest + ``num_random_systems`` others).
+            Sampling trades the systems' own updates for cost: each step costs about one forward
+            and backward per drawn system, minus what ``share_computation`` saves.
+        num_random_systems: random systems per step in ``sandwich``/``random`` mode.
         sampling_seed: seed of the per-step draw (identical on every DDP rank).
         decode_system: system used at inference (default: largest); the environment variable
             ``ESPNET_COMPRESS_SYSTEM`` overrides it for stock programs such as ``asr_inference``.
+        share_computation: compute the encoder input layer and common plan prefixes once per step
+            for all systems (exact: same losses and gradients; dropout in a shared prefix draws
+            one mask for the systems sharing it). ``false`` recomputes them per system.
         **espnet_kwargs: every ``ESPnetASRModel`` option (``ctc_weight``, ``lsm_weight``, ...).
     """
 
@@ -63,7 +68,7 @@ class CompressedASRModel(ESPnetASRModel):
                  systems: Optional[Mapping[str, Any]] = None, largest: Optional[str] = None,
                  kl_weight: float = 0.1, kl_target: str = "decoder", sampling: str = "all",
                  num_random_systems: int = 1, sampling_seed: int = 0, decode_system: Optional[str] = None,
-                 **espnet_kwargs: Any) -> None:
+                 share_computation: bool = True, **espnet_kwargs: Any) -> None:
         reject_unknown_options(type(self), espnet_kwargs, "model_conf")
         super().__init__(*args, **espnet_kwargs)
         self.decoder_quant = None
@@ -72,6 +77,9 @@ class CompressedASRModel(ESPnetASRModel):
                 raise ValueError("model_conf.decoder_quant is set but the model has no decoder")
             self.decoder_quant = QuantConfig.from_config(decoder_quant, "model_conf.decoder_quant")
             quantize_(self.decoder, self.decoder_quant)
+        if not isinstance(share_computation, bool):
+            raise SystemSpecError(f"model_conf.share_computation must be true or false, got {share_computation!r}")
+        self.share_computation = share_computation
         self._setup_systems(systems, largest, kl_weight, kl_target, sampling, num_random_systems,
                             sampling_seed, decode_system)
         self._packed_header: Optional[Dict[str, Any]] = None
@@ -132,6 +140,9 @@ class CompressedASRModel(ESPnetASRModel):
         self.sampler = SystemSampler(list(self.systems), self.largest, smallest, sampling, num_random, seed)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long), persistent=False)
         self._captured: Dict[str, torch.Tensor] = {}
+        self._rng_role: Optional[str] = None  # "teacher" / "student" inside a multi-system step
+        self._decoder_rng: Optional[_RngState] = None
+        self.decoder.register_forward_pre_hook(self._align_decoder_rng)
         self.decoder.register_forward_hook(self._capture("decoder"))
         self.ctc.register_forward_hook(self._capture("ctc"))
         self.ctc.ctc_lo.register_forward_hook(self._capture("ctc_logits"))
@@ -150,6 +161,15 @@ class CompressedASRModel(ESPnetASRModel):
                 self._captured[key] = output
 
         return hook
+
+    def _align_decoder_rng(self, module: torch.nn.Module, inputs: Tuple[Any, ...]) -> None:
+        """Every system's decoder draws the teacher's dropout masks (the decoder's shapes are the
+        same for all systems), so the KL term measures how the systems differ, not two dropout
+        draws: a system equal to the largest has KL 0 in training too."""
+        if self._rng_role == "teacher":
+            self._decoder_rng = _RngState.capture(inputs[0].device)
+        elif self._rng_role == "student" and self._decoder_rng is not None:
+            self._decoder_rng.restore()
 
     def use_system(self, name: str) -> SystemSpec:
         """Make ``name`` the system that ``encode``/``forward``/decoding run."""
@@ -176,8 +196,10 @@ class CompressedASRModel(ESPnetASRModel):
                 text_lengths: torch.Tensor, **kwargs: Any):
         """One backward for all active systems; per-system losses appear in ESPnet's stats.
 
-        Every system sees the same augmented batch: the RNG state is rewound before each system,
-        so SpecAugment (and dropout, where shapes agree) draw the same masks.
+        The features (front end, SpecAugment, normalisation) are computed once per step and every
+        system trains on the same augmented batch; with ``share_computation`` the encoder's input
+        layer and any plan prefix two systems have in common are computed once as well (see
+        :mod:`espnet_compress.core.sharing`), which is where one pass saves over separate runs.
         """
         if not self.systems:
             return super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
@@ -186,7 +208,6 @@ class CompressedASRModel(ESPnetASRModel):
             self.num_steps += 1
         if names[0] != self.largest:
             names = [self.largest] + [n for n in names if n != self.largest]
-        rng = _RngState.capture(speech.device)
         stats: Dict[str, Optional[torch.Tensor]] = {}
         total: Optional[torch.Tensor] = None
         teacher: Dict[str, torch.Tensor] = {}
@@ -194,31 +215,60 @@ class CompressedASRModel(ESPnetASRModel):
         for name in self.systems:
             if name not in names:  # keep the stats keys constant across steps (reported as nan)
                 stats.update({f"{key}_{name}": None for key in ("loss", "acc", "kl")})
-        for name in names:
-            rng.restore()
-            # Without a frontend (extracted features) ESPnet's encode() hands ``speech`` itself to
-            # SpecAugment and GlobalMVN, which modify it IN PLACE when it needs no grad: later systems
-            # would see an augmented, twice-normalized batch, and backward fails on the tensor saved
-            # by the first system. Each system gets its own copy of the features.
-            inputs = speech.clone() if self.frontend is None else speech
-            with self.system(name):
-                loss, sys_stats, _ = super().forward(inputs, speech_lengths, text, text_lengths, **kwargs)
-            captured = dict(self._captured)
-            if name == self.largest:
-                teacher = {k: v.detach() for k, v in captured.items()}
-                total = loss
-                stats.update({k: v for k, v in sys_stats.items() if k != "loss"})
+        memo = SharedComputation()
+        sharing = self.encoder.sharing(memo) if self.share_computation else contextlib.nullcontext()
+        with self._features_once(speech, speech_lengths) as (feats, feats_lengths), sharing:
+            for name in names:
+                self._rng_role = "teacher" if name == self.largest else "student"
+                try:
+                    with self.system(name):
+                        loss, sys_stats, _ = super().forward(feats, feats_lengths, text, text_lengths, **kwargs)
+                finally:
+                    self._rng_role = None
+                captured = dict(self._captured)
                 stats[f"loss_{name}"] = loss.detach()
                 stats[f"acc_{name}"] = sys_stats.get("acc")
-                continue
-            kl = self._kl(teacher, captured, text_lengths)
-            total = total + self.systems[name].weight * loss + self.kl_weight * kl
-            stats[f"loss_{name}"] = loss.detach()
-            stats[f"acc_{name}"] = sys_stats.get("acc")
-            stats[f"kl_{name}"] = kl.detach()
+                if name == self.largest:
+                    teacher = {k: v.detach() for k, v in captured.items()}
+                    total = loss
+                    stats.update({k: v for k, v in sys_stats.items() if k != "loss"})
+                    continue
+                kl = self._kl(teacher, captured, text_lengths)
+                total = total + self.systems[name].weight * loss + self.kl_weight * kl
+                stats[f"kl_{name}"] = kl.detach()
+        self.last_step_sharing = (memo.hits, memo.misses)
         stats["loss"] = total.detach()
         loss, stats, weight = force_gatherable((total, stats, batch_size), total.device)
         return loss, stats, weight
+
+    @contextlib.contextmanager
+    def _features_once(self, speech: torch.Tensor,
+                       speech_lengths: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The feature part of ESPnet's ``encode`` (front end, SpecAugment in training,
+        normalisation, pre-encoder), run once; inside the body those modules are switched off so
+        that each system's stock ``forward`` takes the shared features as its input.
+
+        Running them once is also what keeps the systems' inputs correct: without a front end,
+        SpecAugment and GlobalMVN modify the batch in place, so a second pass would augment and
+        normalise it twice.
+        """
+        with autocast(self.autocast_frontend, dtype=autocast_type):
+            feats, lengths = self._extract_feats(speech, speech_lengths)
+            if self.specaug is not None and self.training:
+                feats, lengths = self.specaug(feats, lengths)
+            if self.normalize is not None:
+                feats, lengths = self.normalize(feats, lengths)
+        if self.preencoder is not None:
+            feats, lengths = self.preencoder(feats, lengths)
+        names = ("frontend", "specaug", "normalize", "preencoder")
+        saved = {n: getattr(self, n) for n in names}
+        for n in names:
+            setattr(self, n, None)
+        try:
+            yield feats, lengths
+        finally:
+            for n, module in saved.items():
+                setattr(self, n, module)
 
     def _kl(self, teacher: Dict[str, torch.Tensor], student: Dict[str, torch.Tensor],
             text_lengths: torch.Tensor) -> torch.Tensor:
@@ -243,7 +293,7 @@ def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask:
 
 
 class _RngState:
-    """Snapshot of the torch RNG(s) on the batch's device, to replay the same random draws."""
+    """Snapshot of the torch RNG(s) on a device, to replay the same random draws."""
 
     def __init__(self, cpu: torch.Tensor, cuda: Optional[List[torch.Tensor]]) -> None:
         self.cpu, self.cuda = cpu, cuda

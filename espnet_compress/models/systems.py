@@ -114,18 +114,19 @@ class SystemSampler:
     """Which systems run in a training step.
 
     ``all``: every system. ``sandwich``: the largest, the smallest and ``num_random`` others drawn
-    uniformly. The draw depends only on ``(seed, step)``, so every DDP rank, which sees the same
+    uniformly (the slimmable-network sandwich rule). ``random``: the largest and ``num_random``
+    others. The draw depends only on ``(seed, step)``, so every DDP rank, which sees the same
     number of steps, draws the same systems and the ranks' gradients stay aligned.
     """
 
-    MODES = ("all", "sandwich")
+    MODES = ("all", "sandwich", "random")
 
     def __init__(self, names: Sequence[str], largest: str, smallest: str, mode: str = "all",
                  num_random: int = 1, seed: int = 0) -> None:
         if mode not in self.MODES:
             raise SystemSpecError(f"model_conf.sampling: unknown mode '{mode}'; allowed: {list(self.MODES)}")
-        if num_random < 0:
-            raise SystemSpecError(f"model_conf.num_random_systems must be >= 0, got {num_random}")
+        if isinstance(num_random, bool) or not isinstance(num_random, int) or num_random < 0:
+            raise SystemSpecError(f"model_conf.num_random_systems must be an integer >= 0, got {num_random!r}")
         self.names = list(names)
         self.largest, self.smallest = largest, smallest
         self.mode, self.num_random, self.seed = mode, num_random, seed
@@ -134,7 +135,9 @@ class SystemSampler:
         """Systems for ``step``, the largest first (it is the distillation teacher)."""
         if self.mode == "all":
             return [self.largest] + [n for n in self.names if n != self.largest]
-        chosen = [self.largest] + ([self.smallest] if self.smallest != self.largest else [])
+        chosen = [self.largest]
+        if self.mode == "sandwich" and self.smallest != self.largest:
+            chosen.append(self.smallest)
         others = [n for n in self.names if n not in chosen]
         rng = random.Random(self.seed * 1_000_003 + step)
         chosen += rng.sample(others, min(self.num_random, len(others)))
