@@ -51,7 +51,12 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from espnet_compress.pipeline.stages import AsrExperiment, collect_stats, make_token_list  # noqa: E402
+from espnet_compress.pipeline.stages import (  # noqa: E402
+    AsrExperiment,
+    collect_stats,
+    make_token_list,
+    training_finished,
+)
 from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
 from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
@@ -169,14 +174,13 @@ def timed_train(name: str, exp: AsrExperiment, max_epoch: Optional[int]) -> Trai
     """``exp.train()`` (stock asr_train), timed by our own wall clock and recorded next to the
     model; a training already on disk is reused after checking it ran the requested epochs."""
     want = max_epoch if max_epoch is not None else _configured_epochs(exp.train_config)
-    model = exp.exp_dir / exp.inference_model
     done_conf = exp.exp_dir / "config.yaml"
-    if model.exists() and done_conf.exists():
+    if exp.is_trained() and done_conf.exists():
         have = yaml.safe_load(done_conf.read_text()).get("max_epoch")
         if have != want:
             raise SystemExit(f"{exp.exp_dir} was trained for {have} epochs, this run asks for {want}; "
                              f"use another --exp_dir or remove that directory")
-    resumed = (exp.exp_dir / "checkpoint.pth").exists() and not model.exists()
+    resumed = (exp.exp_dir / "checkpoint.pth").exists() and not exp.is_trained()
     start, cpu_start = time.perf_counter(), _children_cpu()
     trained = exp.train()
     if trained:
@@ -327,7 +331,7 @@ def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "va
     for cand in (exp_dir / "asr_conformer", exp_dir / "benchmarks" / "nested_supernet" / "asr_conformer",
                  exp_dir / "benchmarks" / "foldable" / "asr_baseline4"):
         conf = cand / "config.yaml"
-        if (cand / model_name).exists() and conf.exists() and yaml.safe_load(conf.read_text()).get("max_epoch") == want:
+        if training_finished(cand, model_name) and yaml.safe_load(conf.read_text()).get("max_epoch") == want:
             return cand
     return None
 

@@ -130,3 +130,18 @@ def test_pack_and_speech2text_in_user_code(tiny_run, tmp_path):
         for ln in (Path(table.rows[1].spec.decode_dir) / "test" / "text").read_text().splitlines()
     )
     assert text == decoded[utt]
+
+
+def test_finished_trainings_are_marked_and_interrupted_ones_are_not(tiny_run, tmp_path):
+    from espnet_compress.pipeline.stages import TRAIN_DONE, training_finished
+
+    cfg, _ = tiny_run
+    assert all((Path(cfg.out_dir) / f"asr_{s.name}" / TRAIN_DONE).is_file() for s in cfg.systems)
+    # valid.acc.best.pth is written after the first epoch: alone it does not mean 'finished'
+    interrupted = tmp_path / "asr_x"
+    interrupted.mkdir()
+    (interrupted / "valid.acc.best.pth").write_bytes(b"")
+    (interrupted / "train.log").write_text("1epoch results ...\n")
+    assert not training_finished(interrupted)
+    (interrupted / "train.log").write_text("... INFO: The training was finished at 2 epochs \n")
+    assert training_finished(interrupted)  # a run from before train.done existed

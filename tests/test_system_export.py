@@ -86,3 +86,59 @@ def test_export_rejects_unknown_system(trained, tmp_path):
     _, tmp = trained
     with pytest.raises(ValueError, match="unknown system 'huge'"):
         export_system(tmp / "config.yaml", tmp / "model.pth", "huge", tmp_path / "x")
+
+
+@pytest.fixture(scope="module")
+def foldable(asr_task, tmp_path_factory):
+    """A jointly trained (one step) 2-block foldable seed, saved like ESPnet's exp dir."""
+    from tests.test_foldable import FOLD_ENC
+    from tests.test_registration import _build_args
+
+    tmp = tmp_path_factory.mktemp("fold")
+    systems = {"unfolded": {"depth": 4}, "seed": {"depth": 2, "weight": 0.25}}
+    model = build(asr_task, tmp, encoder="foldable_conformer", enc=FOLD_ENC, systems=systems, decoder_quant=None)
+    model.train()
+    loss, _, _ = model(**batch())
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    model.eval()
+    args = _build_args(asr_task, tmp, dict(FOLD_ENC))
+    args.encoder, args.model = "foldable_conformer", "compressed"
+    args.model_conf = {"ctc_weight": 0.3, "systems": systems}
+    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args)))
+    torch.save(model.state_dict(), tmp / "model.pth")
+    return model, tmp
+
+
+def test_foldable_seed_exports_at_any_depth_and_path(foldable, tmp_path):
+    """Depth 3 by the second path (0 0 1) keeps the 2 physical blocks and bakes the path in;
+    the seed at its own depth is a plain 2-block Conformer that needs no plugin."""
+    model, tmp = foldable
+    from espnet2.tasks.asr import ASRTask
+
+    deep = export_system(tmp / "config.yaml", tmp / "model.pth", None, tmp_path / "d3",
+                         plan={"depth": 3, "path_index": 1})
+    assert not deep.stock and not deep.packed
+    conf = yaml.safe_load(deep.config.read_text())
+    assert conf["encoder_conf"]["num_blocks"] == 2 and conf["encoder_conf"]["plan"] == {"blocks": [0, 0, 1]}
+    assert "fold" not in conf["encoder_conf"]
+    standalone, _ = ASRTask.build_model_from_file(deep.config, deep.model_file, "cpu")
+    standalone.eval()
+    with model.encoder.using({"depth": 3, "path_index": 1}):
+        expected = _encode(model)
+    torch.testing.assert_close(_encode(standalone), expected, rtol=1e-4, atol=1e-5)
+    assert deep.num_params == sum(p.numel() for p in model.parameters())  # unfolding adds no weights
+
+    seed = export_system(tmp / "config.yaml", tmp / "model.pth", None, tmp_path / "d2", plan={"depth": 2})
+    assert seed.stock
+
+
+def test_export_of_an_impossible_plan_names_the_problem(foldable, tmp_path):
+    from espnet_compress.core.plan import PlanError
+
+    _, tmp = foldable
+    with pytest.raises(PlanError, match="depth 1 is below the 2 physical blocks"):
+        export_system(tmp / "config.yaml", tmp / "model.pth", None, tmp_path / "x", plan={"depth": 1})
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="exactly one of a system name or a plan"):
+        export_system(tmp / "config.yaml", tmp / "model.pth", "seed", tmp_path / "x", plan={"depth": 2})

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import yaml
@@ -126,16 +126,31 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
     return conf, stock
 
 
-def export_system(train_config: Union[str, Path], model_file: Union[str, Path], system: str,
-                  out_dir: Union[str, Path]) -> SystemExport:
-    """Write ``out_dir/config.yaml`` and the system's checkpoint (stock ``.pth`` or packed)."""
+def export_system(train_config: Union[str, Path], model_file: Union[str, Path], system: Optional[str],
+                  out_dir: Union[str, Path], plan: Optional[Mapping[str, Any]] = None) -> SystemExport:
+    """Write ``out_dir/config.yaml`` and the system's checkpoint (stock ``.pth`` or packed).
+
+    ``system`` names one of ``model_conf.systems``; alternatively ``plan`` (``system=None``) is any
+    plan the encoder accepts, e.g. ``{"depth": 3}`` or ``{"depth": 6, "path_index": 4}`` for a
+    foldable seed or ``{"blocks": [0, 2]}`` for layer skipping, exported at full precision with the
+    decoder of the largest system. Works for single-system models with an elastic encoder too.
+    """
     from espnet2.tasks.asr import ASRTask
 
+    from espnet_compress.models.systems import SystemSpec
     from espnet_compress.quant.packed import save_packed
 
     train_config, out_dir = Path(train_config), Path(out_dir)
+    if (system is None) == (plan is None):
+        raise ValueError("export_system: give exactly one of a system name or a plan")
     model, _ = ASRTask.build_model_from_file(train_config, model_file, "cpu")
-    if not getattr(model, "systems", None):
+    if plan is not None:
+        if not hasattr(model.encoder, "check_plan") or not hasattr(model, "systems"):
+            raise ValueError(f"{train_config}: exporting a plan needs model 'compressed' with an elastic encoder")
+        system = str(plan.get("name", "plan"))
+        resolved = model.encoder.check_plan(dict(plan), name=system)  # PlanError names the problem
+        model.systems = dict(model.systems or {}, **{system: SystemSpec(system, resolved)})
+    elif not getattr(model, "systems", None):
         raise ValueError(f"{train_config}: the model declares no model_conf.systems; nothing to export per system")
     if system not in model.systems:
         raise ValueError(f"unknown system '{system}'; {train_config} declares {list(model.systems)}")

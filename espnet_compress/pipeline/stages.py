@@ -27,6 +27,10 @@ from espnet_compress.utils.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+#: written into a training dir when ``asr_train`` exited successfully
+TRAIN_DONE = "train.done"
+
+
 class StageError(RuntimeError):
     """A stock ESPnet program failed; the message carries the command, its log and the log's tail."""
 
@@ -95,10 +99,15 @@ class AsrExperiment:
                 "--use_preprocessor", "true", "--cleaner", "none", "--g2p", "none"]
 
     # ------------------------------------------------------------------ stages
+    def is_trained(self) -> bool:
+        """Whether training ran to its end (see :func:`training_finished`)."""
+        return training_finished(self.exp_dir, self.inference_model)
+
     def train(self) -> bool:
-        """asr.sh stage 11. Returns False when the trained model already exists (skipped)."""
+        """asr.sh stage 11. Returns False when training already finished (skipped); an
+        interrupted training is resumed from its ``checkpoint.pth`` (``--resume true``)."""
         model = self.exp_dir / self.inference_model
-        if model.exists():
+        if self.is_trained():
             return False
         for dset in (self.train_set, self.valid_set):
             validate_data_dir(self.data_dir / dset)
@@ -120,6 +129,7 @@ class AsrExperiment:
         run_program("espnet2.bin.asr_train", args, self.exp_dir / "train.log")
         if not model.exists():
             raise StageError(f"training finished but {model} was not written; see {self.exp_dir / 'train.log'}")
+        atomic_write_text(self.exp_dir / TRAIN_DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         return True
 
     def decode_dir(self) -> Path:
@@ -166,6 +176,19 @@ class AsrExperiment:
             atomic_write_text(out / "text", "".join(f"{ln}\n" for ln in sorted(lines)))
             ran = True
         return ran
+
+
+def training_finished(exp_dir: Path, model_name: str = "valid.acc.best.pth") -> bool:
+    """Whether the training in ``exp_dir`` ran to its end. ``valid.acc.best.pth`` exists from the
+    first epoch on, so it says nothing about an interrupted run; ``train.done`` is written when
+    ``asr_train`` exits successfully (older runs: asr_train's own "The training was finished" line)."""
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / model_name).exists():
+        return False
+    if (exp_dir / TRAIN_DONE).exists():
+        return True
+    log_file = exp_dir / "train.log"
+    return log_file.exists() and "The training was finished at" in log_file.read_text(errors="replace")
 
 
 def _spawn(module: str, args: Sequence[str], log_file: Path) -> subprocess.Popen:
