@@ -43,7 +43,7 @@ def batch():
         ({"a": {"bits": 2}}, "bits 2 for 'embed.out.0' is not among the widths"),
         ({"a": {"decoder_bits": 3}}, "decoder_bits 3 is not among decoder_quant's widths"),
         ({"a": {"layers": 2}}, "system 'a': unknown field(s) ['layers']"),
-        ({"a": {"depth": 2}}, "need the foldable_conformer encoder"),
+        ({"a": {"depth": 2}}, "need a foldable encoder (foldable_conformer)"),
     ],
 )
 def test_bad_system_specs_name_system_and_field(asr_task, tmp_path, systems, needle):
@@ -157,8 +157,9 @@ def test_shared_computation_gives_the_same_losses_and_gradients(asr_task, tmp_pa
     for key in ("loss", *(f"loss_{n}" for n in SYSTEMS), "kl_shallow", "kl_narrow", "kl_int4"):
         torch.testing.assert_close(shared_stats[key], plain_stats[key], rtol=1e-5, atol=1e-6)
     assert shared_grads.keys() == plain_grads.keys()
-    for name, grad in shared_grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in shared_grads.items():  # equal up to summation order: tolerance scaled to the tensor
+        scale = float(plain_grads[name].abs().max())
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=name)
     # input layer: computed for 'full', reused by 'shallow' and 'narrow'; 'int4' quantizes
     # embed.out.0, so it runs its own. Block 0 of 'shallow' ([0, 2]) is the full model's block 0.
     assert (hits, misses) == (3, 12)

@@ -1,19 +1,27 @@
 """Modules that execute an :class:`~espnet_compress.core.plan.ExecutionPlan`.
 
-They are *subclasses* of ESPnet's own modules, converted in place (``__class__`` swap, like
-``torch.ao``'s module swapping keeps parameters): parameter names, parameter objects and therefore
-checkpoints stay exactly those of ESPnet, so a stock ESPnet checkpoint loads unchanged and an elastic
-model with the full plan is the stock model, step for step.
+They are *subclasses* of the host library's own modules (ESPnet's Conformer pieces, torchaudio's
+wav2vec2/HuBERT pieces), converted in place (``__class__`` swap, like ``torch.ao``'s module
+swapping keeps parameters): parameter names, parameter objects and therefore checkpoints stay
+exactly those of the host, so a stock checkpoint loads unchanged and an elastic model with the
+full plan is the stock model, step for step.
+
+Two things are elastic, whatever the architecture:
+
+* the **FFN hidden width** (:class:`ElasticFFN`): a prefix of the hidden units;
+* the **block order** (:class:`PlannedBlocks`): the container of blocks iterates in the order of
+  the plan, so skipping, repeating and reordering blocks need no change to the host's forward.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
     PositionwiseFeedForward,
 )
 from espnet.nets.pytorch_backend.transformer.repeat import MultiSequential
+from torchaudio.models.wav2vec2.components import FeedForward as TorchaudioFeedForward
 
 from espnet_compress.core.plan import ExecutionPlan
 from espnet_compress.core.sharing import SharedComputation, precision_signature
@@ -37,42 +45,85 @@ def sliced_weight(module: torch.nn.Module, rows: Optional[int] = None, cols: Opt
     return quantizer(w) if quantizer is not None else w
 
 
-class ElasticFeedForward(PositionwiseFeedForward):
-    """ESPnet's position-wise FFN whose hidden width can be cut to a prefix of its units.
+class ElasticFFN:
+    """Mixin: a two-layer FFN whose hidden width can be cut to a prefix of its units.
 
-    Keeping the *first* ``active_units`` hidden units (rows of ``w_1``, columns of ``w_2``) makes
-    every narrower FFN a sub-network of every wider one, which is what weight-masking supernets and
-    width search need; the output bias is kept whole because it lives in model space.
+    Keeping the *first* ``active_units`` hidden units (rows of the first layer, columns of the
+    second) makes every narrower FFN a sub-network of every wider one, which is what
+    weight-masking supernets and width search need; the output bias is kept whole because it
+    lives in model space. Subclasses name their two layers (``IN``/``OUT``) and say what runs
+    between them (``hidden``); the host class this converts is ``HOST``.
     """
 
+    IN: str
+    OUT: str
+    HOST: type
     active_units: Optional[int] = None
 
     @classmethod
-    def convert(cls, module: PositionwiseFeedForward) -> "ElasticFeedForward":
+    def convert(cls, module: torch.nn.Module) -> "ElasticFFN":
         """Turn a stock FFN into an elastic one in place (parameters untouched)."""
-        if type(module) is not PositionwiseFeedForward and not isinstance(module, cls):
-            raise TypeError(f"cannot make {type(module).__name__} elastic; only PositionwiseFeedForward")
+        if type(module) is not cls.HOST and not isinstance(module, cls):
+            raise TypeError(f"cannot make {type(module).__name__} elastic as {cls.__name__}; "
+                            f"only {cls.HOST.__name__}")
         module.__class__ = cls
         module.active_units = None
         return module
 
     @property
+    def first(self) -> torch.nn.Linear:
+        return getattr(self, self.IN)
+
+    @property
+    def second(self) -> torch.nn.Linear:
+        return getattr(self, self.OUT)
+
+    @property
     def full_units(self) -> int:
-        return self.w_1.out_features
+        return self.first.out_features
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Activation (and dropout) between the two layers."""
+        raise NotImplementedError
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """What follows the second layer (identity unless the host adds dropout there)."""
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.active_units
         if k is None or k == self.full_units:
-            return self.w_2(self.dropout(self.activation(self.w_1(x))))
-        w1 = sliced_weight(self.w_1, rows=k)
-        b1 = None if self.w_1.bias is None else self.w_1.bias[:k]
-        w2 = sliced_weight(self.w_2, cols=k)
-        h = self.dropout(self.activation(torch.nn.functional.linear(x, w1, b1)))
-        return torch.nn.functional.linear(h, w2, self.w_2.bias)
+            return self.output(self.second(self.hidden(self.first(x))))
+        first, second = self.first, self.second
+        bias = None if first.bias is None else first.bias[:k]
+        h = self.hidden(torch.nn.functional.linear(x, sliced_weight(first, rows=k), bias))
+        return self.output(torch.nn.functional.linear(h, sliced_weight(second, cols=k), second.bias))
+
+
+class ElasticFeedForward(ElasticFFN, PositionwiseFeedForward):
+    """ESPnet's position-wise FFN (``w_1`` -> activation -> dropout -> ``w_2``), elastic."""
+
+    IN, OUT, HOST = "w_1", "w_2", PositionwiseFeedForward
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(h))
+
+
+class ElasticTorchaudioFeedForward(ElasticFFN, TorchaudioFeedForward):
+    """torchaudio's wav2vec2/HuBERT FFN (``intermediate_dense`` -> GELU -> dropout ->
+    ``output_dense`` -> dropout), elastic."""
+
+    IN, OUT, HOST = "intermediate_dense", "output_dense", TorchaudioFeedForward
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_dropout(torch.nn.functional.gelu(h))
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return self.output_dropout(y)
 
 
 class _PlannedStep:
-    """One logical step: set the block's FFN width for this step, then run the physical block
+    """One logical step: set the block's FFN widths for this step, then run the physical block
     (or take its output from the step's shared computation when another system already ran the
     same block, at the same width and precision, on the same input)."""
 
@@ -82,48 +133,50 @@ class _PlannedStep:
                  memo: Optional[SharedComputation]) -> None:
         self.index, self.block, self.units, self.memo = index, block, units, memo
 
-    def __call__(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def _ffns(self) -> Iterator[ElasticFFN]:
+        return (m for m in self.block.children() if isinstance(m, ElasticFFN))
+
+    def __call__(self, *args: Any) -> Any:
         if self.memo is None:
             return self._run(*args)
-        full = getattr(self.block.feed_forward, "full_units", None)
+        full = next((f.full_units for f in self._ffns()), None)
         units = None if self.units == full else self.units
-        key = ("block", self.index, units, precision_signature(self.block))
-        return self.memo(key, self._run, *args)
+        return self.memo(("block", self.index, units, precision_signature(self.block)), self._run, *args)
 
-    def _run(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        for ffn in (self.block.feed_forward, getattr(self.block, "feed_forward_macaron", None)):
-            if isinstance(ffn, ElasticFeedForward):
-                ffn.active_units = self.units
+    def _run(self, *args: Any) -> Any:
+        for ffn in self._ffns():
+            ffn.active_units = self.units
         return self.block(*args)
 
 
-class ElasticBlockStack(MultiSequential):
-    """ESPnet's block container, iterated in the order of the active execution plan.
+class PlannedBlocks:
+    """Mixin for a host's block container: iterated in the order of the active execution plan.
 
-    ESPnet's encoders run ``for i, layer in enumerate(self.encoders)``; making *iteration* follow
-    the plan lets the stock forward (embedding, intermediate CTC, conditioning, final norm) run
-    unchanged while blocks are skipped, repeated or narrowed. Registration (``_modules``) is untouched,
-    so ``state_dict`` names stay ``encoders.<i>.*`` and each physical block is stored once however
-    often a plan uses it. Layer drop, which the stock Conformer forward never applies, is applied
-    here per logical step in training.
+    Hosts run ``for layer in self.encoders`` (ESPnet) or ``for layer in self.layers``
+    (torchaudio); making *iteration* follow the plan lets the host's forward run unchanged while
+    blocks are skipped, repeated or narrowed. Registration (``_modules``) is untouched, so
+    ``state_dict`` names stay ``<container>.<i>.*`` and each physical block is stored once however
+    often a plan uses it. Layer drop is applied here, per logical step in training.
     """
 
     plan: ExecutionPlan
     #: set while a multi-system step shares computation between its systems (see ``sharing``)
     memo: Optional[SharedComputation] = None
+    layer_drop_rate: float = 0.0
 
     @classmethod
-    def convert(cls, stack: MultiSequential, plan: ExecutionPlan) -> "ElasticBlockStack":
-        stack.__class__ = cls
-        stack.plan = plan
-        stack.memo = None
-        return stack
+    def convert(cls, container: torch.nn.Module, plan: ExecutionPlan, layer_drop_rate: float = 0.0):
+        container.__class__ = cls
+        container.plan = plan
+        container.memo = None
+        container.layer_drop_rate = layer_drop_rate
+        return container
 
     def physical_blocks(self) -> Iterator[torch.nn.Module]:
         """The physical blocks in storage order, independent of the plan."""
         return iter(self._modules.values())
 
-    def __iter__(self) -> Iterator[_PlannedStep]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[_PlannedStep]:
         blocks = list(self._modules.values())
         drop = self.layer_drop_rate if self.training else 0.0
         for step, idx in enumerate(self.plan.blocks):
@@ -131,3 +184,17 @@ class ElasticBlockStack(MultiSequential):
                 continue
             units = None if self.plan.ffn_units is None else self.plan.ffn_units[step]
             yield _PlannedStep(idx, blocks[idx], units, self.memo)
+
+
+class ElasticBlockStack(PlannedBlocks, MultiSequential):
+    """ESPnet's block container (``MultiSequential``, which keeps ``layer_drop_rate`` itself and
+    whose stock Conformer forward never applies it), iterated in plan order."""
+
+    @classmethod
+    def convert(cls, container: MultiSequential, plan: ExecutionPlan, layer_drop_rate: float = 0.0):
+        return super().convert(container, plan, getattr(container, "layer_drop_rate", layer_drop_rate))
+
+
+class ElasticLayerList(PlannedBlocks, torch.nn.ModuleList):
+    """A ``ModuleList`` of blocks (torchaudio's wav2vec2/HuBERT transformer layers), iterated in plan
+    order; the encoder that owns it moves the host's layer drop here (``layer_drop_rate``)."""

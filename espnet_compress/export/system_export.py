@@ -4,12 +4,13 @@ A system keeps only what it runs: the physical blocks its plan uses (renumbered 
 use), each FFN cut to the widest width the plan asks of it, and the decoder at the system's
 precision. Then:
 
-* a full-precision system that runs each kept block once at one FFN width is a plain Conformer:
-  it is exported as ESPnet's stock ``conformer`` with model ``espnet``, a checkpoint that loads and
-  decodes **without** this plugin;
-* any other system (quantized, repeated blocks, per-step widths) is exported with our encoder and
-  the plan baked in as its default, as a packed checkpoint when it is quantized. (Per-step widths
-  keep every kept block at the plan's widest width, since ESPnet's Conformer has one FFN size.)
+* a full-precision system that runs each kept block once at one FFN width is a plain host
+  network: for the Conformer it is exported as ESPnet's stock ``conformer`` with model ``espnet``,
+  a checkpoint that loads and decodes **without** this plugin;
+* any other system (quantized, repeated blocks, per-step widths, or a host without a stock ESPnet
+  twin such as wav2vec2) is exported with our encoder and the plan baked in as its default, as a
+  packed checkpoint when it is quantized. (Per-step widths keep every kept block at the plan's
+  widest width, since the host networks have one FFN size.)
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import yaml
 
+from espnet_compress.core.elastic import ElasticFFN
+from espnet_compress.encoders.elastic import ElasticEncoder
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -30,7 +33,20 @@ log = logging.getLogger(__name__)
 
 _MODEL_ONLY_OPTIONS = ("systems", "largest", "kl_weight", "kl_target", "sampling", "num_random_systems",
                        "sampling_seed", "decode_system")
-_BLOCK_KEY = re.compile(r"^encoder\.encoders\.(\d+)\.(.*)$")
+
+
+def _block_key(encoder: torch.nn.Module) -> "re.Pattern[str]":
+    """Matches ``encoder.<blocks>.<i>.<rest>`` state-dict keys of the encoder's physical blocks."""
+    return re.compile(rf"^encoder\.{re.escape(encoder.blocks_name)}\.(\d+)\.(.*)$")
+
+
+def _ffn_slices(encoder: torch.nn.Module) -> Tuple["re.Pattern[str]", "re.Pattern[str]"]:
+    """Block-relative keys cut by rows (the FFNs' first layer) and by columns (their second)."""
+    block = next(encoder.blocks.physical_blocks())
+    ffns = [(n, m) for n, m in block.named_children() if isinstance(m, ElasticFFN)]
+    names = "|".join(re.escape(n) for n, _ in ffns) or "(?!)"
+    first, second = (ffns[0][1].IN, ffns[0][1].OUT) if ffns else ("(?!)", "(?!)")
+    return (re.compile(rf"^({names})\.{first}\.(weight|bias)$"), re.compile(rf"^({names})\.{second}\.weight$"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,59 +78,62 @@ def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tens
     width the plan uses: ESPnet's Conformer gives every block the same ``linear_units``)."""
     kept, remap, steps, widths = _layout(model, name)
     width = max(widths)
+    block_key, (by_rows, by_cols) = _block_key(model.encoder), _ffn_slices(model.encoder)
     out: Dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        m = _BLOCK_KEY.match(key)
+        m = block_key.match(key)
         if m is None:
             out[key] = value.clone()
             continue
         old, rest = int(m.group(1)), m.group(2)
         if old not in remap:
             continue
-        if re.match(r"feed_forward(_macaron)?\.w_1\.(weight|bias)$", rest):
+        if by_rows.match(rest):
             value = value[:width]
-        elif re.match(r"feed_forward(_macaron)?\.w_2\.weight$", rest):
+        elif by_cols.match(rest):
             value = value[:, :width]
-        out[f"encoder.encoders.{remap[old]}.{rest}"] = value.clone()
+        out[f"encoder.{model.encoder.blocks_name}.{remap[old]}.{rest}"] = value.clone()
     return out
 
 
 def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: str) -> Tuple[Dict[str, Any], bool]:
     """Training config rewritten for the standalone system; second value: is it a stock model."""
-    spec = model.systems[name]
+    spec, encoder = model.systems[name], model.encoder
     kept, remap, steps, widths = _layout(model, name)
     conf = copy.deepcopy(train_config)
     enc = conf["encoder_conf"]
-    for key in ("plan", "quant_conf", "fold"):  # fold: foldable_conformer only; the plan bakes the path in
+    for key in encoder.BUILD_ONLY_OPTIONS:  # the plan (and fold path) is baked in below
         enc.pop(key, None)
-    enc["num_blocks"] = len(kept)
-    enc["linear_units"] = max(widths)
+    blocks_option, units_option = encoder.SHAPE_OPTIONS
+    enc[blocks_option] = len(kept)
+    enc[units_option] = max(widths)
     uniform = steps == list(range(len(kept))) and len(set(widths)) == 1
     quantized = any(b for _, b in spec.plan.bits) or spec.decoder_bits
     model_conf = {k: v for k, v in conf.get("model_conf", {}).items() if k not in _MODEL_ONLY_OPTIONS}
     model_conf.pop("decoder_quant", None)
-    stock = uniform and not quantized
+    stock = uniform and not quantized and encoder.STOCK_ENCODER is not None
     if stock:
-        conf["encoder"], conf["model"] = "conformer", "espnet"
+        conf["encoder"], conf["model"] = encoder.STOCK_ENCODER, "espnet"
     else:
         plan: Dict[str, Any] = {"blocks": steps}
         if len(set(widths)) > 1:
             plan["ffn_units"] = widths
         if any(b for _, b in spec.plan.bits):
-            enc_q = model.encoder.quant_config
+            enc_q = encoder.quant_config
+            block_key = _block_key(encoder)
             rules = {}
-            for mod_name in quantized_modules(model.encoder):
-                m = _BLOCK_KEY.match(f"encoder.{mod_name}")
+            for mod_name in quantized_modules(encoder):
+                m = block_key.match(f"encoder.{mod_name}")
                 bits = spec.plan.bits_for(mod_name)
                 if m is not None:
                     if int(m.group(1)) not in remap:
                         continue
-                    mod_name = f"encoders.{remap[int(m.group(1))]}.{m.group(2)}"
+                    mod_name = f"{encoder.block_name(remap[int(m.group(1))])}.{m.group(2)}"
                 rules[mod_name] = bits
             enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel}
-            conf["encoder"] = "quantized_conformer"
+            conf["encoder"] = f"quantized_{encoder.FAMILY}"
         else:
-            conf["encoder"] = "elastic_conformer"
+            conf["encoder"] = f"elastic_{encoder.FAMILY}"
         enc["plan"] = plan
         conf["model"] = "compressed"
         if spec.decoder_bits:
@@ -145,7 +164,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
         raise ValueError("export_system: give exactly one of a system name or a plan")
     model, _ = ASRTask.build_model_from_file(train_config, model_file, "cpu")
     if plan is not None:
-        if not hasattr(model.encoder, "check_plan") or not hasattr(model, "systems"):
+        if not isinstance(model.encoder, ElasticEncoder) or not hasattr(model, "systems"):
             raise ValueError(f"{train_config}: exporting a plan needs model 'compressed' with an elastic encoder")
         system = str(plan.get("name", "plan"))
         resolved = model.encoder.check_plan(dict(plan), name=system)  # PlanError names the problem
@@ -156,7 +175,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
         raise ValueError(f"unknown system '{system}'; {train_config} declares {list(model.systems)}")
     raw_conf = yaml.safe_load(train_config.read_text())
     conf, stock = system_config(raw_conf, model, system)
-    quantized = conf["encoder"] == "quantized_conformer" or "decoder_quant" in conf["model_conf"]
+    quantized = conf["encoder"].startswith("quantized_") or "decoder_quant" in conf["model_conf"]
     state = system_state_dict(model, system)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"

@@ -26,7 +26,6 @@ from espnet_compress.models.systems import (
     SystemSpec,
     SystemSpecError,
     parse_systems,
-    weight_bits,
 )
 from espnet_compress.quant.api import QuantConfig, quantize_, set_bits
 from espnet_compress.quant.inference import freeze_for_inference
@@ -134,18 +133,26 @@ class CompressedASRModel(ESPnetASRModel):
             raise SystemSpecError(f"model_conf.kl_target: '{kl_target}' unknown; allowed: {list(self.KL_TARGETS)}")
         if kl_weight < 0:
             raise SystemSpecError(f"model_conf.kl_weight must be >= 0, got {kl_weight}")
+        uses_decoder = self.decoder is not None and self.ctc_weight < 1.0
+        if kl_target in ("decoder", "both") and not uses_decoder:
+            raise SystemSpecError(f"model_conf.kl_target '{kl_target}' needs the attention decoder, but this model is "
+                                  f"CTC-only (no decoder or ctc_weight 1.0); use kl_target: ctc")
+        if kl_target in ("ctc", "both") and self.ctc_weight == 0.0:
+            raise SystemSpecError(f"model_conf.kl_target '{kl_target}' needs CTC, but ctc_weight is 0; use kl_target: decoder")
         self.kl_weight, self.kl_target = float(kl_weight), kl_target
-        costs = {n: weight_bits(s, self.encoder) for n, s in self.systems.items()}
+        costs = {n: self.encoder.executed_weight_bits(s.plan) for n, s in self.systems.items()}
         smallest = min(costs, key=costs.get)
         self.sampler = SystemSampler(list(self.systems), self.largest, smallest, sampling, num_random, seed)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long), persistent=False)
         self._captured: Dict[str, torch.Tensor] = {}
         self._rng_role: Optional[str] = None  # "teacher" / "student" inside a multi-system step
         self._decoder_rng: Optional[_RngState] = None
-        self.decoder.register_forward_pre_hook(self._align_decoder_rng)
-        self.decoder.register_forward_hook(self._capture("decoder"))
-        self.ctc.register_forward_hook(self._capture("ctc"))
-        self.ctc.ctc_lo.register_forward_hook(self._capture("ctc_logits"))
+        if self.decoder is not None:
+            self.decoder.register_forward_pre_hook(self._align_decoder_rng)
+            self.decoder.register_forward_hook(self._capture("decoder"))
+        if self.ctc is not None:
+            self.ctc.register_forward_hook(self._capture("ctc"))
+            self.ctc.ctc_lo.register_forward_hook(self._capture("ctc_logits"))
         self.use_system(os.environ.get("ESPNET_COMPRESS_SYSTEM") or decode_system or self.largest)
         self.encoder.apply_env_plan()
 

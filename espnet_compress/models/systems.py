@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from espnet_compress.core.plan import ExecutionPlan, PlanError
+from espnet_compress.encoders.elastic import ElasticEncoder
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 
@@ -50,10 +51,10 @@ def parse_systems(conf: Mapping[str, Any], encoder: torch.nn.Module,
     """Validate ``model_conf.systems`` against the built encoder and decoder."""
     if not isinstance(conf, Mapping) or not conf:
         raise SystemSpecError("model_conf.systems must be a non-empty mapping {name: spec}")
-    if not hasattr(encoder, "check_plan"):
+    if not isinstance(encoder, ElasticEncoder):
         raise SystemSpecError(
-            f"model_conf.systems needs an elastic encoder (elastic_conformer, quantized_conformer, ...), "
-            f"got {type(encoder).__name__}"
+            f"model_conf.systems needs an elastic encoder (elastic_conformer, quantized_conformer, "
+            f"foldable_conformer, elastic_wav2vec2, ...), got {type(encoder).__name__}"
         )
     decoder_q = quantized_modules(decoder) if decoder is not None else {}
     systems: Dict[str, SystemSpec] = {}
@@ -89,25 +90,6 @@ def parse_systems(conf: Mapping[str, Any], encoder: torch.nn.Module,
             raise SystemSpecError(f"{where}: weight must be a number >= 0, got {weight!r}")
         systems[str(name)] = SystemSpec(str(name), plan, dbits, float(weight))
     return systems
-
-
-def weight_bits(spec: SystemSpec, encoder: torch.nn.Module) -> int:
-    """Executed encoder weight bits (weights of every step, FFN at its active width, fp = 32 bits):
-    the cost used to order systems (which one is the smallest) independent of wall-clock noise."""
-    total = 0
-    blocks = list(encoder.encoders.physical_blocks())
-    for step, b in enumerate(spec.plan.blocks):
-        units = spec.plan.units_at(step, encoder.linear_units)
-        for name, module in blocks[b].named_modules():
-            w = getattr(module, "weight", None)
-            if not isinstance(w, torch.Tensor) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
-                continue
-            numel = w.numel()
-            if name.endswith("w_1") or name.endswith("w_2"):
-                numel = numel * units // encoder.linear_units
-            bits = spec.plan.bits_for(f"encoders.{b}.{name}") or 32
-            total += numel * bits
-    return total
 
 
 class SystemSampler:

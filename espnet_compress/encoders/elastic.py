@@ -1,0 +1,210 @@
+"""The plan machinery every elastic encoder shares, whatever network it wraps.
+
+An elastic encoder is a host encoder (ESPnet's Conformer, torchaudio's wav2vec2/HuBERT) whose block
+container follows an :class:`~espnet_compress.core.plan.ExecutionPlan` and whose FFNs can be
+narrowed. What a plan may ask (which blocks exist, how wide the FFNs are, which weights carry
+quantizers at which widths), how a plan is switched per forward pass, what a plan costs, and how
+systems share computation in one training step are the same for every host, so they live here
+once; a host class only builds its network and calls :meth:`ElasticEncoder._init_elastic`.
+Configurations (quantized, foldable) are further mixins that hook into ``_prepare`` and
+``_default_plan``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Type, Union
+
+import torch
+
+from espnet_compress.core.elastic import ElasticFFN, PlannedBlocks
+from espnet_compress.core.plan import ExecutionPlan, PlanError
+from espnet_compress.core.sharing import SharedComputation
+from espnet_compress.quant.api import quantized_modules
+from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
+
+PlanLike = Union[None, Mapping[str, Any], ExecutionPlan]
+ENV_PLAN = "ESPNET_COMPRESS_PLAN"
+
+
+class ElasticEncoder:
+    """Mixin for an ESPnet encoder whose forward follows an execution plan.
+
+    Class attributes a host sets:
+        FAMILY: the registered name's suffix (``conformer`` -> ``elastic_conformer``,
+            ``quantized_conformer``, ``foldable_conformer``), used when a system is exported.
+        SHAPE_OPTIONS: the host's own option names for (number of blocks, FFN hidden width), so
+            an export can rewrite a config for the blocks and width a system keeps.
+        STOCK_ENCODER: the stock ESPnet encoder name a full-precision, uniform system of this
+            host exports to (loads without this plugin), or ``None`` if there is none.
+    """
+
+    FAMILY: str
+    SHAPE_OPTIONS: Tuple[str, str]
+    STOCK_ENCODER: Optional[str] = None
+    #: encoder options that describe how the supernet was built, not what a standalone system is
+    BUILD_ONLY_OPTIONS: Tuple[str, ...] = ("plan", "quant_conf", "fold")
+
+    num_physical_blocks: int
+    linear_units: int
+    blocks_name: str
+    _elastic_ffn: bool
+    _input_memo: Optional[SharedComputation] = None
+
+    def _init_elastic(self, blocks: torch.nn.Module, container: Type[PlannedBlocks], ffn: Type[ElasticFFN],
+                      linear_units: int, plan: PlanLike, layer_drop_rate: float = 0.0) -> None:
+        """Make the built host elastic: convert its FFNs and block container, then install the
+        default plan (hooks ``_prepare``/``_default_plan`` run in between)."""
+        self.blocks_name = next(n for n, m in self.named_modules() if m is blocks)
+        self.num_physical_blocks = len(blocks)
+        self.linear_units = linear_units
+        ffns = [m for block in blocks for m in block.children() if type(m) is ffn.HOST]
+        self._elastic_ffn = bool(ffns)
+        for module in ffns:
+            ffn.convert(module)
+        container.convert(blocks, ExecutionPlan.full(self.num_physical_blocks), layer_drop_rate)
+        self._input_memo = None
+        self._prepare()
+        self.default_plan = self.set_plan(self._default_plan(plan))
+        self.apply_env_plan()
+
+    # Hooks for configurations of the core (quantized, foldable, ...): they run inside
+    # _init_elastic, after the host built its blocks and before the default plan is installed.
+    def _prepare(self) -> None:
+        """Attach whatever the configuration adds to the modules (e.g. weight quantizers)."""
+
+    def _default_plan(self, plan: PlanLike) -> PlanLike:
+        """The default plan given the user's ``plan`` option (e.g. add default bit widths)."""
+        return plan
+
+    # ------------------------------------------------------------------ blocks
+    @property
+    def blocks(self) -> PlannedBlocks:
+        """The plan-following block container (looked up, not stored: a second reference would
+        register the blocks twice in ``state_dict``)."""
+        return self.get_submodule(self.blocks_name)
+
+    def block_name(self, index: int) -> str:
+        """Module name (relative to the encoder) of physical block ``index``."""
+        return f"{self.blocks_name}.{index}"
+
+    # ------------------------------------------------------------------ plans
+    def apply_env_plan(self) -> None:
+        """Switch to the plan in ``ESPNET_COMPRESS_PLAN`` if it is set (validated like any plan).
+
+        The environment variable (JSON, e.g. ``'{"blocks": [0, 1, 2]}'`` or, for foldable encoders,
+        ``'{"depth": 6}'``) lets stock programs such as ``asr_inference`` choose the plan at decode
+        time without editing the config.
+        """
+        text = os.environ.get(ENV_PLAN)
+        if not text:
+            return
+        try:
+            conf = json.loads(text)
+        except ValueError as err:
+            raise PlanError(f"{ENV_PLAN}: not valid JSON ({err}): {text!r}") from None
+        if not isinstance(conf, dict):
+            raise PlanError(f"{ENV_PLAN}: expected a JSON object such as '{{\"blocks\": [0, 1]}}', got {text!r}")
+        self.set_plan(conf if "name" in conf else dict(conf, name=ENV_PLAN))
+
+    def check_plan(self, plan: PlanLike, name: str = "plan") -> ExecutionPlan:
+        """Validate a plan against this encoder's physical shape (raises :class:`PlanError`)."""
+        if isinstance(plan, Mapping) and ("depth" in plan or "path_index" in plan):
+            raise PlanError(f"plan '{plan.get('name', name)}': 'depth'/'path_index' (unfolding) need a foldable "
+                            f"encoder (foldable_{self.FAMILY}); use 'blocks' to skip or repeat blocks here")
+        plan = ExecutionPlan.from_config(plan, self.num_physical_blocks, name=name)
+        plan.validate(self.num_physical_blocks, self.linear_units)
+        if plan.ffn_units is not None and not self._elastic_ffn and any(
+            u != self.linear_units for u in plan.ffn_units
+        ):
+            raise PlanError(f"plan '{plan.name}': ffn_units needs linear FFNs (this encoder's FFNs cannot be narrowed)")
+        for pattern, nbits in plan.bits:
+            try:
+                check_bits(nbits, f"plan '{plan.name}' bits['{pattern}']")
+            except UnsupportedBitWidth as err:
+                raise PlanError(str(err)) from None
+        quantized = self.quantizable_modules()
+        if any(b != 0 for _, b in plan.bits) and not quantized:
+            raise PlanError(
+                f"plan '{plan.name}': bits are set but this encoder has no quantized weights; "
+                f"use a quantized encoder (quantized_{self.FAMILY}) or attach quantizers first"
+            )
+        for module_name, module in quantized.items():
+            nbits = plan.bits_for(module_name)
+            if nbits and nbits not in module.weight_quantizer.bit_choices:
+                raise PlanError(
+                    f"plan '{plan.name}': bits {nbits} for '{module_name}' is not among the widths its "
+                    f"quantizer was built for {list(module.weight_quantizer.bit_choices)}; add it to "
+                    f"quant_conf.bit_choices"
+                )
+        return plan
+
+    @property
+    def plan(self) -> ExecutionPlan:
+        """The plan the next forward will run."""
+        return self.blocks.plan
+
+    def set_plan(self, plan: PlanLike) -> ExecutionPlan:
+        """Make ``plan`` the active plan (validated) and set each quantized module's bit width."""
+        plan = self.check_plan(plan)
+        self.blocks.plan = plan
+        for module_name, module in self.quantizable_modules().items():
+            module.set_bits(plan.bits_for(module_name))
+        return plan
+
+    @contextlib.contextmanager
+    def using(self, plan: PlanLike) -> Iterator[ExecutionPlan]:
+        """Run the body under ``plan``, then restore the previous plan (also on error)."""
+        previous = self.plan
+        try:
+            yield self.set_plan(plan)
+        finally:
+            self.set_plan(previous)
+
+    # ------------------------------------------------------------------ one step, many systems
+    @contextlib.contextmanager
+    def sharing(self, memo: SharedComputation) -> Iterator[SharedComputation]:
+        """Within the body, forwards under different plans share identical sub-computations: the
+        input layer (through :meth:`_shared_input`) and every planned step consult ``memo``, so a
+        system whose plan starts like another's (same blocks, widths and precisions) reuses that
+        prefix instead of recomputing it."""
+        self._input_memo = memo
+        self.blocks.memo = memo
+        try:
+            yield memo
+        finally:
+            self._input_memo = None
+            self.blocks.memo = None
+
+    def _shared_input(self, key: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run the input layer ``fn(*args)``, or reuse its output inside :meth:`sharing`."""
+        return fn(*args) if self._input_memo is None else self._input_memo(("input", key), fn, *args)
+
+    # ------------------------------------------------------------------ weights and cost
+    def quantizable_modules(self) -> Dict[str, torch.nn.Module]:
+        """Modules whose weight precision a plan can set (they carry a quantizer), by name."""
+        return quantized_modules(self)
+
+    def physical_parameters(self) -> int:
+        """Parameters stored for this encoder, independent of the plan (shared blocks count once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def executed_weight_bits(self, plan: ExecutionPlan) -> int:
+        """Weight bits the blocks execute under ``plan`` (every step counts, FFNs at their active
+        width, full precision = 32 bits): a cost that orders systems (which one is the smallest)
+        independent of wall-clock noise."""
+        total = 0
+        blocks = list(self.blocks.physical_blocks())
+        for step, b in enumerate(plan.blocks):
+            units = plan.units_at(step, self.linear_units)
+            narrowed = {id(layer) for f in blocks[b].children() if isinstance(f, ElasticFFN)
+                        for layer in (f.first, f.second)}
+            for name, module in blocks[b].named_modules():
+                if not isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+                    continue
+                numel = module.weight.numel()
+                if id(module) in narrowed:
+                    numel = numel * units // self.linear_units
+                total += numel * (plan.bits_for(f"{self.block_name(b)}.{name}") or 32)
+        return total
