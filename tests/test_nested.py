@@ -197,3 +197,16 @@ def test_every_system_sees_one_augmented_normalised_batch_without_frontend(asr_t
     torch.testing.assert_close(stats["loss_same"], stats["loss_full"])
     assert float(stats["kl_same"]) == pytest.approx(0.0, abs=1e-6)
     assert model.specaug is not None and model.normalize is not None  # restored after the step
+
+
+def test_nested_conformer_is_the_supernet_without_quant_options(asr_task, tmp_path):
+    """``nested_conformer``: full precision by default, any supported width per system."""
+    enc = {k: v for k, v in ENC.items() if k != "quant_conf"}
+    systems = {"full": {}, "int2": {"bits": 2}, "mixed": {"bits": {"encoders.0.*": 8, "*": 3}, "blocks": [0, 2]}}
+    model = build(asr_task, tmp_path, encoder="nested_conformer", enc=enc, systems=systems, decoder_quant=None)
+    assert all(m.bits == 0 for m in model.encoder.quantizable_modules().values())  # the largest is fp
+    with model.system("mixed"):
+        bits = {n: m.bits for n, m in model.encoder.quantizable_modules().items()}
+    assert bits["encoders.0.feed_forward.w_1"] == 8 and bits["encoders.2.feed_forward.w_1"] == 3
+    with pytest.raises(SystemSpecError, match="unsupported bit width 7"):
+        build(asr_task, tmp_path, encoder="nested_conformer", enc=enc, systems={"a": {"bits": 7}}, decoder_quant=None)

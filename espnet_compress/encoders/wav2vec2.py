@@ -1,4 +1,4 @@
-"""``elastic_wav2vec2`` (+ ``quantized_`` and ``foldable_``): wav2vec2 / HuBERT under an execution plan.
+"""``elastic_wav2vec2`` (+ ``quantized_``, ``nested_``, ``foldable_``): wav2vec2 / HuBERT under a plan.
 
 wav2vec2 and HuBERT fine-tune the same network (a CNN waveform feature extractor, a projection, a
 convolutional positional embedding and a stack of Transformer layers; torchaudio builds both as
@@ -27,6 +27,7 @@ from espnet_compress.core.elastic import ElasticLayerList, ElasticTorchaudioFeed
 from espnet_compress.core.sharing import precision_signature
 from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike
 from espnet_compress.encoders.foldable import FoldableEncoder
+from espnet_compress.encoders.nested import NestedEncoder
 from espnet_compress.encoders.quantized import QuantizedEncoder
 from espnet_compress.utils.signature import merge_signature
 
@@ -188,6 +189,15 @@ class QuantizedWav2Vec2Encoder(QuantizedEncoder, ElasticWav2Vec2Encoder):
     """wav2vec2/HuBERT with quantization-aware weights (``quant_conf`` as for ``quantized_conformer``;
     module names look like ``model.encoder.transformer.layers.3.feed_forward.intermediate_dense``,
     and ``exclude: ["model.feature_extractor.*"]`` keeps the CNN in full precision)."""
+
+    def __init__(self, input_size: int = 1, quant_conf: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+        super().__init__(input_size, quant_conf=quant_conf, **kwargs)
+
+
+@merge_signature(ElasticWav2Vec2Encoder.__init__, skip=("self", "input_size"))
+class NestedWav2Vec2Encoder(NestedEncoder, ElasticWav2Vec2Encoder):
+    """wav2vec2/HuBERT supernet for the all-in-one model: full precision by default, every weight
+    quantizable at any supported width (``quant_conf`` as for ``quantized_wav2vec2``)."""
 
     def __init__(self, input_size: int = 1, quant_conf: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(input_size, quant_conf=quant_conf, **kwargs)
