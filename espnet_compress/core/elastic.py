@@ -14,7 +14,7 @@ Two things are elastic, whatever the architecture:
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional
 
 import torch
 from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
