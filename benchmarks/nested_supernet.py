@@ -337,10 +337,11 @@ def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "va
 
 
 def _twin_experiment(template: AsrExperiment, bench: Path, main_exp: Path, twin: str, config: Path,
-                     train_args: List[str], max_epoch: Optional[int]) -> AsrExperiment:
-    """The twin's training dir; an fp32 baseline already trained with the same epochs is reused."""
+                     train_args: List[str], max_epoch: Optional[int], own_baseline: bool = False) -> AsrExperiment:
+    """The twin's training dir; an fp32 baseline already trained with the same epochs is reused
+    unless ``own_baseline`` (then it trains here, timed like every other twin)."""
     exp = dataclasses.replace(template, exp_dir=bench / f"asr_{twin}", train_config=config, train_args=train_args)
-    if twin == "conformer":
+    if twin == "conformer" and not own_baseline:
         found = find_baseline(main_exp, max_epoch, exp.inference_model)
         if found is not None:
             log.info("reusing the fp32 baseline %s as the 'full' twin", found)
@@ -352,6 +353,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--config", type=Path, default=NESTED_CONFIG, help="all-in-one training config")
+    p.add_argument("--own_baseline", action="store_true",
+                   help="train the fp32 twin of 'full' in the benchmark dir under the same conditions as the other "
+                        "twins (its CPU time is then measured) instead of reusing the main job's baseline")
     p.add_argument("--tag", default="", help="names this all-in-one variant (its training dir and report files), "
                                              "e.g. 'random1' for a sampled config; the twins are shared")
     args = p.parse_args(argv)
@@ -373,7 +377,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     template = prepare_corpus(args)
     nested = dataclasses.replace(template, exp_dir=bench / f"asr_nested{suffix}", train_config=args.config.resolve(),
                                  train_args=train_args)
-    twins = {sys_name: (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch))
+    twins = {sys_name: (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch,
+                                               args.own_baseline))
              for sys_name, (twin, cfg) in TWINS.items()}
     systems = list(yaml.safe_load(args.config.read_text())["model_conf"]["systems"])
     missing = [s for s in systems if s not in TWINS]
@@ -388,7 +393,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             # Looked up again now: foldable.py running alongside may have finished the shared
             # baseline while the all-in-one model trained.
             sys_name = next(s for s, (twin, _) in twins.items() if twin == name)
-            exp = _twin_experiment(template, bench, exp_dir, name, TWINS[sys_name][1], train_args, args.max_epoch)
+            exp = _twin_experiment(template, bench, exp_dir, name, TWINS[sys_name][1], train_args, args.max_epoch,
+                                   args.own_baseline)
             twins[sys_name] = (name, exp)
         records[name] = timed_train(name, exp, args.max_epoch)
 
