@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
 from espnet_compress.core.elastic import ElasticFFN, PlannedBlocks
 from espnet_compress.core.plan import ExecutionPlan, PlanError
-from espnet_compress.core.sharing import SharedComputation
+from espnet_compress.core.sharing import SharedComputation, precision_signature
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 
@@ -64,7 +64,6 @@ class ElasticEncoder:
         for module in ffns:
             ffn.convert(module)
         container.convert(blocks, ExecutionPlan.full(self.num_physical_blocks), layer_drop_rate)
-        self._input_memo = None
         self._prepare()
         self.default_plan = self.set_plan(self._default_plan(plan))
         self.apply_env_plan()
@@ -177,9 +176,12 @@ class ElasticEncoder:
             self._input_memo = None
             self.blocks.memo = None
 
-    def _shared_input(self, key: Any, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run the input layer ``fn(*args)``, or reuse its output inside :meth:`sharing`."""
-        return fn(*args) if self._input_memo is None else self._input_memo(("input", key), fn, *args)
+    def _shared_input(self, modules: Sequence[torch.nn.Module], fn: Callable[..., Any], *args: Any) -> Any:
+        """Run the input layer ``fn(*args)`` (made of ``modules``), or reuse its output inside
+        :meth:`sharing` when the modules' precisions and the inputs are the same."""
+        if self._input_memo is None:
+            return fn(*args)
+        return self._input_memo(("input", tuple(precision_signature(m) for m in modules)), fn, *args)
 
     # ------------------------------------------------------------------ weights and cost
     def quantizable_modules(self) -> Dict[str, torch.nn.Module]:

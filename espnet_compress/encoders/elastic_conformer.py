@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
 from espnet_compress.core.elastic import ElasticBlockStack, ElasticFeedForward
-from espnet_compress.core.sharing import SharedComputation, precision_signature
+from espnet_compress.core.sharing import SharedComputation
 from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike
 from espnet_compress.utils.signature import merge_signature, reject_unknown_options
 
@@ -47,7 +47,7 @@ class ElasticConformerEncoder(ElasticEncoder, ConformerEncoder):
         instance-level ``forward`` that exists only inside this context."""
         embed = self.embed
         original = embed.forward
-        embed.forward = lambda *args: self._shared_input(precision_signature(embed), original, *args)
+        embed.forward = lambda *args: self._shared_input((embed,), original, *args)
         try:
             with super().sharing(memo):
                 yield memo

@@ -24,7 +24,6 @@ from espnet2.asr.encoder.abs_encoder import AbsEncoder
 from torchaudio.models import wav2vec2_model
 
 from espnet_compress.core.elastic import ElasticLayerList, ElasticTorchaudioFeedForward
-from espnet_compress.core.sharing import precision_signature
 from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike
 from espnet_compress.encoders.foldable import FoldableEncoder
 from espnet_compress.encoders.nested import NestedEncoder
@@ -172,10 +171,9 @@ class ElasticWav2Vec2Encoder(ElasticEncoder, AbsEncoder):
                 raise ValueError(f"{type(self).__name__} takes raw waveforms (input_size: 1), got {xs_pad.size(-1)}-dim "
                                  f"features; remove the ESPnet front end")
             xs_pad = xs_pad.squeeze(-1)
-        outside = (self.model.feature_extractor, self.model.encoder.feature_projection,
-                   self.model.encoder.transformer.pos_conv_embed)
-        key = tuple(precision_signature(m) for m in outside)
-        x, mask, lengths = self._shared_input(key, self._features, xs_pad, ilens)
+        input_layer = (self.model.feature_extractor, self.model.encoder.feature_projection,
+                       self.model.encoder.transformer.pos_conv_embed)
+        x, mask, lengths = self._shared_input(input_layer, self._features, xs_pad, ilens)
         for step in self.blocks:
             x, _ = step(x, mask)
         transformer = self.model.encoder.transformer
