@@ -175,8 +175,9 @@ def test_packed_model_computes_what_the_qat_model_computed(tmp_path, quant_conf)
     _train_step(qat)
     reference = _run(qat)
     header = save_packed(qat, tmp_path / "enc.pth")
-    state, loaded_header = load_packed(tmp_path / "enc.pth")
-    assert loaded_header == header
+    packed = load_packed(tmp_path / "enc.pth")
+    state = packed.tensors
+    assert packed.header == header
 
     records = {r["name"]: r for r in header["tensors"]}
     modules = quantized_modules(qat)
@@ -205,7 +206,7 @@ def test_lsq_steps_are_stored_as_scales(tmp_path):
     header = save_packed(qat, tmp_path / "enc.pth", fp_dtype="float16", scale_dtype="float32")
     steps = [r for r in header["tensors"] if ".weight_quantizer.steps." in r["name"]]
     assert steps and all(r["dtype"] == "float32" for r in steps)
-    state, _ = load_packed(tmp_path / "enc.pth")
+    state = load_packed(tmp_path / "enc.pth").tensors
     fresh = _encoder({"bits": 4, "method": "lsq"}, seed=1)
     fresh.load_state_dict(state)
     freeze_for_inference(fresh, "dequant")

@@ -29,7 +29,7 @@ def trained(asr_task, tmp_path_factory):
     args = _build_args(asr_task, tmp, dict(ENC))
     args.encoder, args.model = "quantized_conformer", "compressed"
     args.model_conf = {"ctc_weight": 0.3, "decoder_quant": {"bits": 0, "bit_choices": [4, 8]}, "systems": systems}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args)))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
     torch.save(model.state_dict(), tmp / "model.pth")
     return model, tmp
 
@@ -105,7 +105,7 @@ def foldable(asr_task, tmp_path_factory):
     args = _build_args(asr_task, tmp, dict(FOLD_ENC))
     args.encoder, args.model = "foldable_conformer", "compressed"
     args.model_conf = {"ctc_weight": 0.3, "systems": systems}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args)))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
     torch.save(model.state_dict(), tmp / "model.pth")
     return model, tmp
 
@@ -120,7 +120,7 @@ def test_foldable_seed_exports_at_any_depth_and_path(foldable, tmp_path):
                          plan={"depth": 3, "path_index": 1})
     assert not deep.stock and not deep.packed
     conf = yaml.safe_load(deep.config.read_text())
-    assert conf["encoder_conf"]["num_blocks"] == 2 and conf["encoder_conf"]["plan"] == {"blocks": [0, 0, 1]}
+    assert conf["encoder_conf"]["num_blocks"] == 2 and conf["encoder_conf"]["plan"] == {"name": "plan", "blocks": [0, 0, 1]}
     assert "fold" not in conf["encoder_conf"]
     standalone, _ = ASRTask.build_model_from_file(deep.config, deep.model_file, "cpu")
     standalone.eval()

@@ -14,7 +14,7 @@ Two things are elastic, whatever the architecture:
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
@@ -23,21 +23,25 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
 from espnet.nets.pytorch_backend.transformer.repeat import MultiSequential
 from torchaudio.models.wav2vec2.components import FeedForward as TorchaudioFeedForward
 
+from espnet_compress.core.norm_stats import BatchMoments, SystemBatchNorm, norms_in, slot_name
 from espnet_compress.core.plan import ExecutionPlan
 from espnet_compress.core.sharing import SharedComputation, precision_signature
 
 
 def sliced_weight(module: torch.nn.Module, rows: Optional[int] = None, cols: Optional[int] = None) -> torch.Tensor:
-    """The weight a narrowed layer computes with: the active slice, quantized *as a slice*.
+    """The weight a narrowed layer computes with.
 
-    Quantizing the slice (not slicing a quantized full tensor) gives a narrow system its own scale,
-    exactly what the same system stores when it is exported on its own, so a nested system decodes
-    the same inside the supernet and as a standalone packed model.
+    In training (a weight quantizer attached) the active slice is quantized *as a slice*: a narrow
+    system gets its own scale, exactly what the same system stores when it is exported on its own.
+    A frozen inference layer (loaded from a packed file) already holds the codes its system
+    computes with, so its weight is only sliced, never re-quantized; its kernel-specific form
+    (int8/int4 packing) has no ``weight`` attribute, only ``effective_weight``.
     """
-    w = module.weight
     quantizer = getattr(module, "weight_quantizer", None)
-    if quantizer is None and hasattr(module, "effective_weight"):  # frozen inference layers
+    if quantizer is None and hasattr(module, "effective_weight"):
         w = module.effective_weight()
+    else:
+        w = module.weight
     if rows is not None:
         w = w[:rows]
     if cols is not None:
@@ -123,30 +127,48 @@ class ElasticTorchaudioFeedForward(ElasticFFN, TorchaudioFeedForward):
 
 
 class _PlannedStep:
-    """One logical step: set the block's FFN widths for this step, then run the physical block
-    (or take its output from the step's shared computation when another system already ran the
-    same block, at the same width and precision, on the same input)."""
+    """One logical step: set the block's FFN widths and norm-statistics slot for this step, then
+    run the physical block (or take its output from the step's shared computation when another
+    system already ran the same block, at the same width and precision, on the same input; the
+    batch moments of its norms are then replayed into this system's slots)."""
 
-    __slots__ = ("index", "block", "units", "memo")
+    __slots__ = ("index", "block", "units", "memo", "slot")
 
     def __init__(self, index: int, block: torch.nn.Module, units: Optional[int],
-                 memo: Optional[SharedComputation]) -> None:
-        self.index, self.block, self.units, self.memo = index, block, units, memo
+                 memo: Optional[SharedComputation], slot: Optional[str]) -> None:
+        self.index, self.block, self.units, self.memo, self.slot = index, block, units, memo, slot
 
     def _ffns(self) -> Iterator[ElasticFFN]:
         return (m for m in self.block.children() if isinstance(m, ElasticFFN))
 
     def __call__(self, *args: Any) -> Any:
+        norms = norms_in(self.block)
+        for norm in norms:
+            norm.slot = self.slot
         if self.memo is None:
             return self._run(*args)
         full = next((f.full_units for f in self._ffns()), None)
         units = None if self.units == full else self.units
-        return self.memo(("block", self.index, units, precision_signature(self.block)), self._run, *args)
+        key = ("block", self.index, units, precision_signature(self.block))
+        output, moments = self.memo(key, self._run_recorded, norms, *args)
+        for m in moments:
+            m.apply()
+        return output
 
     def _run(self, *args: Any) -> Any:
         for ffn in self._ffns():
             ffn.active_units = self.units
         return self.block(*args)
+
+    def _run_recorded(self, norms: List[SystemBatchNorm], *args: Any) -> Tuple[Any, List[BatchMoments]]:
+        moments: List[BatchMoments] = []
+        for norm in norms:
+            norm.recorder = moments
+        try:
+            return self._run(*args), moments
+        finally:
+            for norm in norms:
+                norm.recorder = None
 
 
 class PlannedBlocks:
@@ -156,13 +178,19 @@ class PlannedBlocks:
     (torchaudio); making *iteration* follow the plan lets the host's forward run unchanged while
     blocks are skipped, repeated or narrowed. Registration (``_modules``) is untouched, so
     ``state_dict`` names stay ``<container>.<i>.*`` and each physical block is stored once however
-    often a plan uses it. Layer drop is applied here, per logical step in training.
+    often a plan uses it. Layer drop, where the host applies it, is applied here, per logical step
+    in training. Each step also selects the norm-statistics slot of (plan, use of the block)
+    (:mod:`~espnet_compress.core.norm_stats`).
     """
 
     plan: ExecutionPlan
     #: set while a multi-system step shares computation between its systems (see ``sharing``)
     memo: Optional[SharedComputation] = None
     layer_drop_rate: float = 0.0
+    #: plan that owns the norms' own buffers (its first use of each block)
+    stats_owner: Optional[str] = None
+    #: plans that have statistics slots of their own, by name
+    stats_plans: Dict[str, ExecutionPlan] = {}
 
     @classmethod
     def convert(cls, container: torch.nn.Module, plan: ExecutionPlan, layer_drop_rate: float = 0.0):
@@ -170,29 +198,58 @@ class PlannedBlocks:
         container.plan = plan
         container.memo = None
         container.layer_drop_rate = layer_drop_rate
+        container.stats_owner, container.stats_plans = None, {}
         return container
 
     def physical_blocks(self) -> Iterator[torch.nn.Module]:
         """The physical blocks in storage order, independent of the plan."""
         return iter(self._modules.values())
 
+    def track_norm_stats(self, plans: Dict[str, ExecutionPlan], owner: str) -> None:
+        """Give every (plan, use of a block) its own norm statistics; ``owner``'s first use of each
+        block keeps the norms' own buffers. Slots no plan needs any more are dropped."""
+        blocks = list(self.physical_blocks())
+        for index, block in enumerate(blocks):
+            names = [slot_name(name, use) for name, plan in plans.items()
+                     for use in range(plan.blocks.count(index)) if (name, use) != (owner, 0)]
+            for norm in norms_in(block):
+                norm.set_slots(names)
+        self.stats_owner, self.stats_plans = owner, dict(plans)
+
+    def stats_slot(self, plan: ExecutionPlan, index: int, use: int) -> Optional[str]:
+        """The slot a plan's ``use``-th run of block ``index`` normalises with (``None``: own
+        buffers). A plan without statistics of its own (an ad-hoc decode plan, or another plan
+        under a registered name) uses the owner's, for a use the owner never makes its last one."""
+        name = plan.name
+        if not self.has_own_stats(plan):
+            if self.stats_owner is None:
+                return None
+            name = self.stats_owner
+            use = max(0, min(use, self.stats_plans[name].blocks.count(index) - 1))
+        return None if (name, use) == (self.stats_owner, 0) else slot_name(name, use)
+
+    def has_own_stats(self, plan: ExecutionPlan) -> bool:
+        """Whether ``plan`` was given statistics of its own (see :meth:`track_norm_stats`)."""
+        return self.stats_plans.get(plan.name) == plan
+
     def __iter__(self) -> Iterator[_PlannedStep]:
         blocks = list(self._modules.values())
         drop = self.layer_drop_rate if self.training else 0.0
+        uses: Dict[int, int] = {}
         for step, idx in enumerate(self.plan.blocks):
-            if drop > 0.0 and float(torch.rand(())) < drop:
+            use = uses.get(idx, 0)
+            uses[idx] = use + 1
+            if drop > 0.0 and float(torch.rand(())) <= drop:
                 continue
             units = None if self.plan.ffn_units is None else self.plan.ffn_units[step]
-            yield _PlannedStep(idx, blocks[idx], units, self.memo)
+            slot = self.stats_slot(self.plan, idx, use) if norms_in(blocks[idx]) else None
+            yield _PlannedStep(idx, blocks[idx], units, self.memo, slot)
 
 
 class ElasticBlockStack(PlannedBlocks, MultiSequential):
-    """ESPnet's block container (``MultiSequential``, which keeps ``layer_drop_rate`` itself and
-    whose stock Conformer forward never applies it), iterated in plan order."""
-
-    @classmethod
-    def convert(cls, container: MultiSequential, plan: ExecutionPlan, layer_drop_rate: float = 0.0):
-        return super().convert(container, plan, getattr(container, "layer_drop_rate", layer_drop_rate))
+    """ESPnet's block container (``MultiSequential``), iterated in plan order. ESPnet's Conformer
+    forward iterates its blocks itself and never applies ``MultiSequential``'s layer drop, so
+    neither does this (the encoder refuses ``layer_drop_rate`` rather than silently ignore it)."""
 
 
 class ElasticLayerList(PlannedBlocks, torch.nn.ModuleList):

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
 from espnet_compress.core.elastic import ElasticFFN, PlannedBlocks
+from espnet_compress.core.norm_stats import SystemBatchNorm, is_batch_norm, norms_in
 from espnet_compress.core.plan import ExecutionPlan, PlanError
 from espnet_compress.core.sharing import SharedComputation, precision_signature
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
+
+log = logging.getLogger(__name__)
 
 PlanLike = Union[None, Mapping[str, Any], ExecutionPlan]
 ENV_PLAN = "ESPNET_COMPRESS_PLAN"
@@ -51,6 +55,7 @@ class ElasticEncoder:
     blocks_name: str
     _elastic_ffn: bool
     _input_memo: Optional[SharedComputation] = None
+    _warned_stats: set
 
     def _init_elastic(self, blocks: torch.nn.Module, container: Type[PlannedBlocks], ffn: Type[ElasticFFN],
                       linear_units: int, plan: PlanLike, layer_drop_rate: float = 0.0) -> None:
@@ -63,9 +68,12 @@ class ElasticEncoder:
         self._elastic_ffn = bool(ffns)
         for module in ffns:
             ffn.convert(module)
+        for module in [m for m in blocks.modules() if is_batch_norm(m)]:
+            SystemBatchNorm.convert(module)
         container.convert(blocks, ExecutionPlan.full(self.num_physical_blocks), layer_drop_rate)
         self._prepare()
         self.default_plan = self.set_plan(self._default_plan(plan))
+        self.track_norm_stats({self.default_plan.name: self.default_plan}, self.default_plan.name)
         self.apply_env_plan()
 
     # Hooks for configurations of the core (quantized, foldable, ...): they run inside
@@ -147,7 +155,13 @@ class ElasticEncoder:
     def set_plan(self, plan: PlanLike) -> ExecutionPlan:
         """Make ``plan`` the active plan (validated) and set each quantized module's bit width."""
         plan = self.check_plan(plan)
-        self.blocks.plan = plan
+        blocks = self.blocks
+        if (blocks.stats_owner is not None and not blocks.has_own_stats(plan)
+                and plan.name not in self._warned_stats and norms_in(blocks)):
+            self._warned_stats.add(plan.name)
+            log.warning("plan '%s' has no batch-norm statistics of its own; it normalises with those of "
+                        "'%s' (declare it in model_conf.systems to train its own)", plan.name, blocks.stats_owner)
+        blocks.plan = plan
         for module_name, module in self.quantizable_modules().items():
             module.set_bits(plan.bits_for(module_name))
         return plan
@@ -160,6 +174,12 @@ class ElasticEncoder:
             yield self.set_plan(plan)
         finally:
             self.set_plan(previous)
+
+    def track_norm_stats(self, plans: Mapping[str, ExecutionPlan], owner: str) -> None:
+        """Keep batch-norm statistics per plan and per use of a block (see
+        :mod:`~espnet_compress.core.norm_stats`); ``owner`` keeps the norms' own buffers."""
+        self._warned_stats = set()
+        self.blocks.track_norm_stats(dict(plans), owner)
 
     # ------------------------------------------------------------------ one step, many systems
     @contextlib.contextmanager

@@ -36,6 +36,15 @@ class ElasticConformerEncoder(ElasticEncoder, ConformerEncoder):
 
     def __init__(self, input_size: int, plan: PlanLike = None, **conformer_kwargs: Any) -> None:
         reject_unknown_options(type(self), conformer_kwargs, "encoder_conf")
+        if conformer_kwargs.get("layer_drop_rate", 0.0):
+            # ESPnet's ConformerEncoder accepts the option but its forward iterates the blocks
+            # itself, so MultiSequential's layer drop never runs: a stock baseline would train
+            # without it and this twin with it. Refuse instead of silently differing.
+            raise ValueError(
+                f"encoder_conf.layer_drop_rate: {conformer_kwargs['layer_drop_rate']} is not supported: ESPnet's "
+                f"ConformerEncoder accepts it but never applies it, so the stock baseline would train without "
+                f"layer drop; remove the option (or set 0.0) so both encoders compute the same"
+            )
         super().__init__(input_size, **conformer_kwargs)
         opts = _conformer_defaults() | conformer_kwargs
         self._init_elastic(self.encoders, ElasticBlockStack, ElasticFeedForward, opts["linear_units"], plan)

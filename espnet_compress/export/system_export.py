@@ -9,8 +9,15 @@ precision. Then:
   a checkpoint that loads and decodes **without** this plugin;
 * any other system (quantized, repeated blocks, per-step widths, or a host without a stock ESPnet
   twin such as wav2vec2) is exported with our encoder and the plan baked in as its default, as a
-  packed checkpoint when it is quantized. (Per-step widths keep every kept block at the plan's
-  widest width, since the host networks have one FFN size.)
+  packed checkpoint when it is quantized.
+
+Exactness: the standalone model computes what the system computes inside the supernet. Per-step
+widths keep every kept block at the plan's widest width (the host networks have one FFN size);
+a quantized block run narrower stores the codes the supernet computed for that narrower slice,
+padded with zero codes it never reads. A block run at two widths with max-scale quantization has
+two different quantizations of one tensor, which one packed tensor cannot hold: it is refused by
+name (``lsq`` steps do not depend on the slice, so there the narrow run is a slice of the wide one).
+Batch-norm statistics are the system's own (:mod:`~espnet_compress.core.norm_stats`).
 """
 from __future__ import annotations
 
@@ -19,20 +26,21 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 
 from espnet_compress.core.elastic import ElasticFFN
+from espnet_compress.core.norm_stats import SLOT_CONTAINER, norms_in, slot_name
 from espnet_compress.encoders.elastic import ElasticEncoder
+from espnet_compress.models.compressed_asr import multi_system_options
 from espnet_compress.quant.api import quantized_modules
+from espnet_compress.quant.quantizers import LearnedScaleQuantizer
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-_MODEL_ONLY_OPTIONS = ("systems", "largest", "kl_weight", "kl_target", "sampling", "num_random_systems",
-                       "sampling_seed", "decode_system")
 
 
 def _block_key(encoder: torch.nn.Module) -> "re.Pattern[str]":
@@ -73,12 +81,25 @@ def _layout(model: torch.nn.Module, name: str) -> Tuple[List[int], Dict[int, int
     return kept, remap, [remap[b] for b in spec.plan.blocks], widths
 
 
+def _uses(plan_blocks: Sequence[int]) -> List[int]:
+    """For each logical step, how often its block ran before (0 = first use)."""
+    seen: Dict[int, int] = {}
+    out = []
+    for b in plan_blocks:
+        out.append(seen.get(b, 0))
+        seen[b] = out[-1] + 1
+    return out
+
+
 def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tensor]:
     """The system's weights under standalone names (renumbered blocks, FFNs cut to the widest
-    width the plan uses: ESPnet's Conformer gives every block the same ``linear_units``)."""
+    width the plan uses: ESPnet's Conformer gives every block the same ``linear_units``), and
+    its own batch-norm statistics: use ``k`` of a block goes to the standalone block's slot for
+    use ``k`` (the norm's own buffers for the first)."""
     kept, remap, steps, widths = _layout(model, name)
     width = max(widths)
-    block_key, (by_rows, by_cols) = _block_key(model.encoder), _ffn_slices(model.encoder)
+    encoder = model.encoder
+    block_key, (by_rows, by_cols) = _block_key(encoder), _ffn_slices(encoder)
     out: Dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         m = block_key.match(key)
@@ -86,13 +107,65 @@ def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tens
             out[key] = value.clone()
             continue
         old, rest = int(m.group(1)), m.group(2)
-        if old not in remap:
+        if old not in remap or f".{SLOT_CONTAINER}." in f".{rest}":
             continue
         if by_rows.match(rest):
             value = value[:width]
         elif by_cols.match(rest):
             value = value[:, :width]
-        out[f"encoder.{model.encoder.blocks_name}.{remap[old]}.{rest}"] = value.clone()
+        out[f"encoder.{encoder.blocks_name}.{remap[old]}.{rest}"] = value.clone()
+    plan = model.systems[name].plan
+    blocks = list(encoder.blocks.physical_blocks())
+    for b, use in zip(plan.blocks, _uses(plan.blocks)):
+        source_slot = encoder.blocks.stats_slot(plan, b, use)
+        target_prefix = f"encoder.{encoder.blocks_name}.{remap[b]}."
+        for norm_name, norm in ((n, m) for n, m in blocks[b].named_modules() if m in norms_in(blocks[b])):
+            source = norm if source_slot is None else norm.slots[source_slot]
+            target = norm_name + ("." if use == 0 else f".{SLOT_CONTAINER}.{slot_name(name, use)}.")
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                out[f"{target_prefix}{target}{buf}"] = getattr(source, buf).detach().clone()
+    return out
+
+
+def narrowed_encodings(model: torch.nn.Module, name: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Codes of the quantized FFN layers that the system runs narrower than the stored width:
+    what the supernet computed for the slice, padded to the stored width with codes that are
+    never read (state-dict key in the standalone model -> codes, scale)."""
+    spec, encoder = model.systems[name], model.encoder
+    kept, remap, steps, widths = _layout(model, name)
+    stored = max(widths)
+    used: Dict[int, set] = {}
+    for b, k in zip(spec.plan.blocks, widths):
+        used.setdefault(b, set()).add(k)
+    blocks = list(encoder.blocks.physical_blocks())
+    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, ks in used.items():
+        for ffn_name, ffn in ((n, f) for n, f in blocks[b].named_children() if isinstance(f, ElasticFFN)):
+            for attr, dim in ((ffn.IN, 0), (ffn.OUT, 1)):
+                layer = getattr(ffn, attr)
+                module_name = f"{encoder.block_name(b)}.{ffn_name}.{attr}"
+                bits = spec.plan.bits_for(module_name)
+                if not bits or not hasattr(layer, "weight_quantizer"):
+                    continue
+                if len(ks) > 1 and not isinstance(layer.weight_quantizer, LearnedScaleQuantizer):
+                    raise ValueError(
+                        f"system '{name}': block {b} runs at FFN widths {sorted(ks)} with {bits}-bit max-scale "
+                        f"weights ('{module_name}'); each width has its own scale, and one packed tensor holds "
+                        f"one quantization: give the block one width in this system, or train with "
+                        f"quant_conf.method lsq (its steps do not depend on the width)"
+                    )
+                k = min(ks)
+                if k == stored or len(ks) > 1:
+                    continue
+                w = layer.weight[:k] if dim == 0 else layer.weight[:, :k]
+                with torch.no_grad():
+                    codes, scale = layer.weight_quantizer.encode(w, bits)
+                pad = list(codes.shape)
+                pad[dim] = stored - k
+                codes = torch.cat([codes, torch.full(pad, 1 if bits == 1 else 0, dtype=codes.dtype)], dim=dim)
+                if dim == 0 and scale.dim() == 1:
+                    scale = torch.cat([scale, torch.ones(stored - k, dtype=scale.dtype)])
+                out[f"encoder.{encoder.blocks_name}.{remap[b]}.{ffn_name}.{attr}.weight"] = (codes, scale)
     return out
 
 
@@ -109,13 +182,14 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
     enc[units_option] = max(widths)
     uniform = steps == list(range(len(kept))) and len(set(widths)) == 1
     quantized = any(b for _, b in spec.plan.bits) or spec.decoder_bits
-    model_conf = {k: v for k, v in conf.get("model_conf", {}).items() if k not in _MODEL_ONLY_OPTIONS}
+    dropped = multi_system_options()
+    model_conf = {k: v for k, v in conf.get("model_conf", {}).items() if k not in dropped}
     model_conf.pop("decoder_quant", None)
     stock = uniform and not quantized and encoder.STOCK_ENCODER is not None
     if stock:
         conf["encoder"], conf["model"] = encoder.STOCK_ENCODER, "espnet"
     else:
-        plan: Dict[str, Any] = {"blocks": steps}
+        plan: Dict[str, Any] = {"name": name, "blocks": steps}
         if len(set(widths)) > 1:
             plan["ffn_units"] = widths
         if any(b for _, b in spec.plan.bits):
@@ -177,6 +251,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
     conf, stock = system_config(raw_conf, model, system)
     quantized = conf["encoder"].startswith("quantized_") or "decoder_quant" in conf["model_conf"]
     state = system_state_dict(model, system)
+    encodings = narrowed_encodings(model, system) if quantized else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
     atomic_write_text(config_path, yaml.safe_dump(conf, sort_keys=False))
@@ -188,7 +263,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
     standalone.load_state_dict({k: state[k] for k in expected}, strict=True)
     if quantized:
         model_path = out_dir / "model.packed.pth"
-        save_packed(standalone, model_path)
+        save_packed(standalone, model_path, encodings=encodings)
     else:
         model_path = out_dir / "model.pth"
         import io

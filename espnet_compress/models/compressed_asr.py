@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -29,8 +30,11 @@ from espnet_compress.models.systems import (
 )
 from espnet_compress.quant.api import QuantConfig, quantize_, set_bits
 from espnet_compress.quant.inference import freeze_for_inference
-from espnet_compress.quant.packed import PackedModelError, is_packed, unpack_state_dict
+from espnet_compress.core.norm_stats import SLOT_CONTAINER
+from espnet_compress.quant.packed import PackedState, check_against_model, is_packed, loading_source, unpack_state_dict
 from espnet_compress.utils.signature import merge_signature, reject_unknown_options
+
+log = logging.getLogger(__name__)
 
 
 @merge_signature(ESPnetASRModel.__init__)
@@ -81,7 +85,7 @@ class CompressedASRModel(ESPnetASRModel):
         self.share_computation = share_computation
         self._setup_systems(systems, largest, kl_weight, kl_target, sampling, num_random_systems,
                             sampling_seed, decode_system)
-        self._packed_header: Optional[Dict[str, Any]] = None
+        self._packed: Optional[PackedState] = None
         self._register_load_state_dict_pre_hook(self._unpack_packed_state, with_module=False)
         self.register_load_state_dict_post_hook(self._freeze_after_packed_load)
 
@@ -89,31 +93,31 @@ class CompressedASRModel(ESPnetASRModel):
     def _unpack_packed_state(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         """Expand a packed checkpoint in place, so stock ``load_state_dict`` (and hence
         ``Speech2Text``/``asr_inference``, which load with ``strict=False``) sees float weights.
-        Every parameter must be present: a silent partial load would decode with random weights."""
+        Every record is checked against this model first (a silent partial load would decode with
+        random weights, a width mismatch with weights the file never held)."""
         if prefix or not is_packed(state_dict):
+            if not prefix and "num_steps" not in state_dict and hasattr(self, "num_steps"):
+                state_dict["num_steps"] = self.num_steps.clone()  # written before the counter was stored
             return
-        tensors, header = unpack_state_dict(state_dict, "packed checkpoint")
-        expected = set(self.state_dict())
-        missing: List[str] = sorted(expected - set(tensors))
-        extra: List[str] = sorted(set(tensors) - expected)
-        if missing or extra:
-            raise PackedModelError(
-                f"packed checkpoint does not match the model built from its config: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-            )
+        source = loading_source()
+        packed = unpack_state_dict(state_dict, source)
+        check_against_model(packed, self, source, fillable=(f".{SLOT_CONTAINER}.", "num_steps"))
         state_dict.clear()
-        state_dict.update(tensors)
-        self._packed_header = header
+        state_dict.update(packed.tensors)
+        if hasattr(self, "num_steps") and "num_steps" not in state_dict:
+            state_dict["num_steps"] = self.num_steps.clone()
+        self._packed = packed
 
     def _freeze_after_packed_load(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
-        """A packed model is a deployment model: quantize each weight once, pick the CPU kernel
-        (``ESPNET_COMPRESS_KERNEL`` = auto | dequant | int8 | int4; default auto)."""
-        if self._packed_header is None:
+        """A packed model is a deployment model: each quantized layer computes with the file's
+        codes and scales, on the CPU kernel chosen by ``ESPNET_COMPRESS_KERNEL`` (auto | dequant |
+        int8 | int4; default auto)."""
+        if self._packed is None:
             return
-        self.inference_paths = freeze_for_inference(self, os.environ.get("ESPNET_COMPRESS_KERNEL", "auto"))
-        self._packed_header = None
-        logging.getLogger(__name__).info("loaded packed checkpoint; quantized layers frozen for inference")
+        encodings = {k: (codes, scale) for k, (codes, scale, _) in self._packed.encodings.items()}
+        self.inference_paths = freeze_for_inference(self, os.environ.get("ESPNET_COMPRESS_KERNEL", "auto"), encodings)
+        self._packed = None
+        log.info("loaded packed checkpoint; quantized layers frozen for inference")
 
     # ------------------------------------------------------------------ systems
     def _setup_systems(self, systems: Optional[Mapping[str, Any]], largest: Optional[str], kl_weight: float,
@@ -143,40 +147,65 @@ class CompressedASRModel(ESPnetASRModel):
         costs = {n: self.encoder.executed_weight_bits(s.plan) for n, s in self.systems.items()}
         smallest = min(costs, key=costs.get)
         self.sampler = SystemSampler(list(self.systems), self.largest, smallest, sampling, num_random, seed)
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        # Persistent: after --resume the draws continue the sequence instead of restarting at step 0.
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.encoder.track_norm_stats({n: s.plan for n, s in self.systems.items()}, self.largest)
         self._captured: Dict[str, torch.Tensor] = {}
         self._rng_role: Optional[str] = None  # "teacher" / "student" inside a multi-system step
         self._decoder_rng: Optional[_RngState] = None
+        self._student_rng: Optional[_RngState] = None
         if self.decoder is not None:
             self.decoder.register_forward_pre_hook(self._align_decoder_rng)
+            self.decoder.register_forward_hook(self._restore_student_rng)
             self.decoder.register_forward_hook(self._capture("decoder"))
         if self.ctc is not None:
+            self.ctc.register_forward_pre_hook(self._open_ctc_capture)
             self.ctc.register_forward_hook(self._capture("ctc"))
             self.ctc.ctc_lo.register_forward_hook(self._capture("ctc_logits"))
         self.use_system(os.environ.get("ESPNET_COMPRESS_SYSTEM") or decode_system or self.largest)
         self.encoder.apply_env_plan()
+        spec = self.systems[self.active_system]
+        log.info("espnet_compress: %d systems %s; active system '%s' (plan %s, decoder bits %d)",
+                 len(self.systems), list(self.systems), self.active_system, self.encoder.plan.to_config(),
+                 spec.decoder_bits)
+
+    def _open_ctc_capture(self, module: torch.nn.Module, inputs: Tuple[Any, ...]) -> None:
+        """Capture the posteriors of the *first* CTC loss of a system's forward only: ESPnet
+        computes the final layer's CTC loss before any intermediate one (``interctc_weight``), and
+        the encoder's own CTC calls (self-conditioning) go through ``ctc.softmax``, not here."""
+        self._ctc_capturing = "ctc_lens" not in self._captured
 
     def _capture(self, key: str):
-        """Forward hook keeping the last output of a sub-module (for the distillation term)."""
+        """Forward hook keeping a sub-module's output of this system's forward (for the KL term)."""
 
         def hook(module: torch.nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
-            if key == "ctc":
-                self._captured["ctc_lens"] = inputs[1]
-            elif key == "decoder":
+            if key == "decoder":
                 self._captured["decoder"] = output[0] if isinstance(output, tuple) else output
-            else:
-                self._captured[key] = output
+            elif getattr(self, "_ctc_capturing", False):
+                if key == "ctc":
+                    self._captured["ctc_lens"] = inputs[1]
+                    self._ctc_capturing = False
+                else:
+                    self._captured[key] = output
 
         return hook
 
     def _align_decoder_rng(self, module: torch.nn.Module, inputs: Tuple[Any, ...]) -> None:
         """Every system's decoder draws the teacher's dropout masks (the decoder's shapes are the
         same for all systems), so the KL term measures how the systems differ, not two dropout
-        draws: a system equal to the largest has KL 0 in training too."""
+        draws: a system equal to the largest has KL 0 in training too. The student's decoder runs
+        on a fork of the RNG: its own stream resumes after the decoder, so the next student's
+        encoder does not replay this one's dropout masks."""
         if self._rng_role == "teacher":
             self._decoder_rng = _RngState.capture(inputs[0].device)
         elif self._rng_role == "student" and self._decoder_rng is not None:
+            self._student_rng = _RngState.capture(inputs[0].device)
             self._decoder_rng.restore()
+
+    def _restore_student_rng(self, module: torch.nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
+        if self._student_rng is not None:
+            self._student_rng.restore()
+            self._student_rng = None
 
     def use_system(self, name: str) -> SystemSpec:
         """Make ``name`` the system that ``encode``/``forward``/decoding run."""
@@ -227,6 +256,7 @@ class CompressedASRModel(ESPnetASRModel):
         with self._features_once(speech, speech_lengths) as (feats, feats_lengths), sharing:
             for name in names:
                 self._rng_role = "teacher" if name == self.largest else "student"
+                self._captured = {}
                 try:
                     with self.system(name):
                         loss, sys_stats, _ = super().forward(feats, feats_lengths, text, text_lengths, **kwargs)
@@ -244,6 +274,11 @@ class CompressedASRModel(ESPnetASRModel):
                 total = total + self.systems[name].weight * loss + self.kl_weight * kl
                 stats[f"kl_{name}"] = kl.detach()
         self.last_step_sharing = (memo.hits, memo.misses)
+        accs = [stats[f"acc_{n}"] for n in names]
+        if len(names) == len(self.systems) and all(a is not None for a in accs):
+            # checkpoint selection over every system (``--best_model_criterion valid acc_mean max``)
+            stats["acc_mean"] = sum(float(a) for a in accs) / len(accs)
+            stats["acc_worst"] = min(float(a) for a in accs)
         stats["loss"] = total.detach()
         loss, stats, weight = force_gatherable((total, stats, batch_size), total.device)
         return loss, stats, weight
@@ -290,6 +325,15 @@ class CompressedASRModel(ESPnetASRModel):
             mask = torch.arange(t.shape[1], device=t.device)[None, :] < teacher["ctc_lens"][:, None]
             parts.append(_masked_kl(t, s, mask))
         return sum(parts) / len(parts)
+
+
+def multi_system_options() -> Tuple[str, ...]:
+    """``model_conf`` options of the multi-system model that a single exported system drops: this
+    class's own constructor options except ``decoder_quant`` (derived, so a new option can never be
+    written into a standalone config that ESPnet's ``espnet`` model rejects)."""
+    base = set(inspect.signature(ESPnetASRModel.__init__).parameters)
+    own = inspect.signature(CompressedASRModel.__init__).parameters
+    return tuple(n for n in own if n not in base and n != "decoder_quant")
 
 
 def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

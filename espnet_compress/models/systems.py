@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -21,6 +22,8 @@ from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 
 SYSTEM_FIELDS = ("blocks", "ffn_units", "bits", "depth", "path_index", "decoder_bits", "weight")
+#: system names become parts of state-dict keys (per-system norm statistics) and of file names
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class SystemSpecError(ValueError):
@@ -61,6 +64,9 @@ def parse_systems(conf: Mapping[str, Any], encoder: torch.nn.Module,
     for name, spec in conf.items():
         spec = {} if spec is None else spec
         where = f"system '{name}'"
+        if not _NAME.match(str(name)) or "__use" in str(name):
+            raise SystemSpecError(f"model_conf.systems.{name}: a system name may contain only letters, digits, "
+                                  f"'_' and '-' (and not '__use'); it names state-dict entries and files")
         if not isinstance(spec, Mapping):
             raise SystemSpecError(f"{where}: expected a mapping of {list(SYSTEM_FIELDS)}, got {spec!r}")
         unknown = sorted(set(spec) - set(SYSTEM_FIELDS))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +142,13 @@ def _build(path: str, module: torch.nn.Module, codes: torch.Tensor, scale: torch
     return _dequantized(module, codes, scale)
 
 
-def freeze_for_inference(model: torch.nn.Module, kernel: str = "auto") -> Dict[str, str]:
-    """Replace every quantized layer by its inference form; return {layer name: path chosen}."""
+def freeze_for_inference(model: torch.nn.Module, kernel: str = "auto",
+                         encodings: Optional[Mapping[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> Dict[str, str]:
+    """Replace every quantized layer by its inference form; return {layer name: path chosen}.
+
+    ``encodings`` (``<layer>.weight`` -> codes, scale) are the codes to compute with, e.g. those a
+    packed file stores; layers without an entry encode their current weight.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel '{kernel}'; allowed: {list(KERNELS)}")
     chosen: Dict[str, str] = {}
@@ -153,8 +158,11 @@ def freeze_for_inference(model: torch.nn.Module, kernel: str = "auto") -> Dict[s
         if not bits:
             chosen[name] = "fp32 (not quantized)"
             continue
-        with torch.no_grad():
-            codes, scale = module.weight_quantizer.encode(module.weight, bits)
+        if encodings is not None and f"{name}.weight" in encodings:
+            codes, scale = encodings[f"{name}.weight"]
+        else:
+            with torch.no_grad():
+                codes, scale = module.weight_quantizer.encode(module.weight, bits)
         options = _candidates(module, bits, kernel)
         if len(options) == 1:
             path = options[0]

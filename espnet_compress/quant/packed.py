@@ -7,15 +7,19 @@ File layout (``torch.save`` of a two-entry dict, so stock ``Speech2Text``/``asr_
 
 The header lists every state-dict entry with its byte range in ``blob``: quantized weights as
 ``bits``-wide codes (:mod:`.bitpack`) plus their scale(s), everything else (biases, norms,
-embeddings, learned steps) as raw tensors in the configured float dtype. It also holds the format
-version and the SHA-256 of the blob, so a truncated or corrupted file is refused with a message
-naming it. Loading restores the exact dequantized weights (codes x scale), which the QAT model's
-quantizers map back to the same codes: the packed model computes what the QAT model computed.
+embeddings, learned steps) as raw tensors in the configured float dtype. Format 2 hashes the
+header *and* the blob (SHA-256), so a changed offset, width or shape is refused like a corrupted
+payload; format 1 files (payload hash only) still load, with every record checked for
+consistency. Loading keeps the file's codes and scales: the model computes with exactly those
+(it never re-derives them from a config), and every record is checked against the module it loads
+into (shape, bit width, scale shape), each failure a :class:`PackedModelError` naming the file and
+the tensor.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -26,17 +30,25 @@ import torch
 
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import pack_codes, packed_nbytes, unpack_codes
+from espnet_compress.quant.quantizers import SUPPORTED_BITS
 from espnet_compress.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 MAGIC = "__espnet_compress_packed__"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_RAW_DTYPES = dict(_FLOAT_DTYPES, int64=torch.int64, int32=torch.int32, bool=torch.bool, uint8=torch.uint8,
+                   int8=torch.int8)
+
+#: ``(codes, scale)`` of one quantized weight, as a quantizer's ``encode`` returns them
+Encoding = Tuple[torch.Tensor, torch.Tensor]
 
 
 class PackedModelError(ValueError):
-    """A packed checkpoint that cannot be used (corrupt, truncated, wrong version); names the file."""
+    """A packed checkpoint that cannot be used (corrupt, truncated, wrong version, or not the
+    model its config builds); the message names the file and the tensor."""
 
 
 @dataclasses.dataclass
@@ -53,17 +65,38 @@ class TensorRecord:
     group: str = "other"
 
 
+@dataclasses.dataclass
+class PackedState:
+    """A verified packed checkpoint: the float state dict, the stored codes of every quantized
+    weight (by state-dict key), and the header."""
+
+    tensors: Dict[str, torch.Tensor]
+    encodings: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]
+    header: Dict[str, Any]
+
+
 def _group(name: str, bits: int) -> str:
     part = name.split(".", 1)[0]
     kind = "quantized weights" if bits else "full-precision tensors"
     return f"{part} {kind}"
 
 
-def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: str = "float32") -> Tuple[Dict[str, Any], bytes]:
+def _digest(header: Mapping[str, Any], blob: bytes) -> str:
+    """Format 2 checksum: the header without its checksum, canonical JSON, then the payload."""
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    h.update(blob)
+    return h.hexdigest()
+
+
+def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: str = "float32",
+               encodings: Optional[Mapping[str, Encoding]] = None) -> Tuple[Dict[str, Any], bytes]:
     """Pack ``model.state_dict()``: quantized modules at their current bit width, the rest raw.
 
     Returns the header (JSON-able) and the blob. ``fp_dtype`` applies to floating tensors that are
     not quantized, ``scale_dtype`` to quantization scales (including learned LSQ steps).
+    ``encodings`` (state-dict key -> codes, scale) stores given codes instead of encoding the
+    module's weight: a system export passes what the supernet computed for a narrowed layer.
     """
     if fp_dtype not in _FLOAT_DTYPES or scale_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp_dtype/scale_dtype must be one of {sorted(_FLOAT_DTYPES)}")
@@ -75,7 +108,10 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
         tensor = tensor.detach().cpu()
         if name in qmods:
             module = qmods[name]
-            codes, scale = module.weight_quantizer.encode(module.weight, module.bits)
+            if encodings is not None and name in encodings:
+                codes, scale = encodings[name]
+            else:
+                codes, scale = module.weight_quantizer.encode(module.weight, module.bits)
             scale = scale.detach().cpu().to(_FLOAT_DTYPES[scale_dtype])
             data = pack_codes(codes.numpy(), module.bits) + _tensor_bytes(scale)
             rec = TensorRecord(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), offset, len(data),
@@ -93,14 +129,14 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
         chunks.append(data)
         offset += len(data)
     blob = b"".join(chunks)
-    header = {
+    header: Dict[str, Any] = {
         "format": "espnet_compress.packed",
         "version": FORMAT_VERSION,
-        "sha256": hashlib.sha256(blob).hexdigest(),
         "blob_bytes": len(blob),
         "scale_dtype": scale_dtype,
         "tensors": [dataclasses.asdict(r) for r in records],
     }
+    header["sha256"] = _digest(header, blob)
     return header, blob
 
 
@@ -120,11 +156,11 @@ def _tensor_from_bytes(data: bytes, dtype: str, shape: List[int]) -> torch.Tenso
 
 
 def save_packed(model: torch.nn.Module, path: Union[str, Path], fp_dtype: str = "float32",
-                scale_dtype: str = "float32") -> Dict[str, Any]:
+                scale_dtype: str = "float32", encodings: Optional[Mapping[str, Encoding]] = None) -> Dict[str, Any]:
     """Write a packed checkpoint atomically (temp file, then rename); return its header."""
     import io
 
-    header, blob = pack_model(model, fp_dtype=fp_dtype, scale_dtype=scale_dtype)
+    header, blob = pack_model(model, fp_dtype=fp_dtype, scale_dtype=scale_dtype, encodings=encodings)
     buf = io.BytesIO()
     torch.save({MAGIC: json.dumps(header), "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -135,42 +171,156 @@ def is_packed(state: Mapping[str, Any]) -> bool:
     return isinstance(state, Mapping) and MAGIC in state
 
 
-def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Verify and expand a loaded packed checkpoint into a float state dict (and its header)."""
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=_RAW_DTYPES[dtype]).element_size()
+
+
+def _numel(shape: List[int]) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> List[Dict[str, Any]]:
+    """Every record well formed, its byte count what its shape, dtype and width imply, and the
+    records tiling the blob in order: a damaged format-1 header (not covered by its checksum)
+    fails here instead of deep inside numpy or torch."""
+    records = header.get("tensors")
+    scale_dtype = header.get("scale_dtype")
+    if not isinstance(records, list) or scale_dtype not in _FLOAT_DTYPES:
+        raise PackedModelError(f"{source}: header has no tensor list or an unknown scale_dtype {scale_dtype!r}")
+    offset, seen = 0, set()
+    for rec in records:
+        name = rec.get("name") if isinstance(rec, Mapping) else None
+        where = f"{source}: tensor '{name}'"
+        try:
+            shape, dtype, bits = [int(v) for v in rec["shape"]], rec["dtype"], int(rec["bits"])
+            start, nbytes = int(rec["offset"]), int(rec["nbytes"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise PackedModelError(f"{where}: malformed header record ({err!r})") from None
+        if name in seen:
+            raise PackedModelError(f"{where}: listed twice in the header")
+        seen.add(name)
+        if dtype not in _RAW_DTYPES or (bits and bits not in SUPPORTED_BITS):
+            raise PackedModelError(f"{where}: unknown dtype {dtype!r} or bit width {bits}")
+        if bits:
+            scale_shape = rec.get("scale_shape")
+            if not isinstance(scale_shape, list):
+                raise PackedModelError(f"{where}: quantized record without scale_shape")
+            expected = packed_nbytes(_numel(shape), bits) + _numel(scale_shape) * _itemsize(scale_dtype)
+        else:
+            expected = _numel(shape) * _itemsize(dtype)
+        if nbytes != expected:
+            raise PackedModelError(f"{where}: {nbytes} bytes in the header, but shape {shape} at "
+                                   f"{bits or dtype}{'-bit' if bits else ''} takes {expected}")
+        if start != offset:
+            raise PackedModelError(f"{where}: starts at byte {start}, expected {offset} (records must tile the blob)")
+        offset += nbytes
+    if offset != blob_len:
+        raise PackedModelError(f"{source}: records cover {offset} bytes, the payload has {blob_len}")
+    return records
+
+
+def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint") -> PackedState:
+    """Verify and expand a loaded packed checkpoint (float tensors, stored codes, header)."""
     try:
         header = json.loads(state[MAGIC])
         blob_t = state["blob"]
-    except (KeyError, TypeError, ValueError) as err:
+        blob = blob_t.numpy().tobytes()
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise PackedModelError(f"{source}: not a valid espnet_compress packed checkpoint ({err})") from None
-    if header.get("format") != "espnet_compress.packed":
-        raise PackedModelError(f"{source}: unknown format {header.get('format')!r}")
-    if header.get("version") != FORMAT_VERSION:
+    if not isinstance(header, dict) or header.get("format") != "espnet_compress.packed":
+        raise PackedModelError(f"{source}: unknown format {header.get('format') if isinstance(header, dict) else header!r}")
+    version = header.get("version")
+    if version not in READABLE_VERSIONS:
         raise PackedModelError(
-            f"{source}: packed format version {header.get('version')} is not supported by this "
-            f"espnet_compress (reads version {FORMAT_VERSION}); repack the model or upgrade"
+            f"{source}: packed format version {version} is not supported by this espnet_compress "
+            f"(reads versions {list(READABLE_VERSIONS)}); repack the model or upgrade"
         )
-    blob = blob_t.numpy().tobytes()
-    if len(blob) != header["blob_bytes"] or hashlib.sha256(blob).hexdigest() != header["sha256"]:
+    digest = _digest(header, blob) if version >= 2 else hashlib.sha256(blob).hexdigest()
+    if len(blob) != header.get("blob_bytes") or digest != header.get("sha256"):
         raise PackedModelError(
-            f"{source}: checksum mismatch (payload {len(blob)} bytes, expected {header['blob_bytes']}); "
+            f"{source}: checksum mismatch (payload {len(blob)} bytes, header says {header.get('blob_bytes')}); "
             f"the file is truncated or corrupted, re-export or re-download it"
         )
+    records = _check_records(header, len(blob), source)
+    scale_dtype = header["scale_dtype"]
     out: Dict[str, torch.Tensor] = {}
-    for rec in header["tensors"]:
+    encodings: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for rec in records:
         data = blob[rec["offset"]: rec["offset"] + rec["nbytes"]]
         if rec["bits"]:
-            numel = int(np.prod(rec["shape"])) if rec["shape"] else 1
-            ncode = packed_nbytes(numel, rec["bits"])
-            codes = torch.from_numpy(unpack_codes(data[:ncode], rec["bits"], numel)).reshape(rec["shape"])
-            scale = _tensor_from_bytes(data[ncode:], header["scale_dtype"], rec["scale_shape"]).float()
+            ncode = packed_nbytes(_numel(rec["shape"]), rec["bits"])
+            codes = torch.from_numpy(unpack_codes(data[:ncode], rec["bits"], _numel(rec["shape"]))).reshape(rec["shape"])
+            scale = _tensor_from_bytes(data[ncode:], scale_dtype, rec["scale_shape"]).float()
             s = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (codes.dim() - 1)))
             out[rec["name"]] = (codes.float() * s).to(getattr(torch, rec["dtype"]))
+            encodings[rec["name"]] = (codes, scale, rec["bits"])
         else:
             out[rec["name"]] = _tensor_from_bytes(data, rec["dtype"], rec["shape"])
-    return out, header
+    if version < FORMAT_VERSION:
+        log.info("%s: packed format %d (header not covered by the checksum); records checked one by one",
+                 source, version)
+    return PackedState(out, encodings, header)
 
 
-def load_packed(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def check_against_model(packed: PackedState, model: torch.nn.Module, source: str,
+                        fillable: Tuple[str, ...] = ()) -> None:
+    """Refuse a packed file that is not the model its config builds: every tensor present with the
+    same shape, every stored width the width the config sets for that module (the file's codes
+    are what the model will compute with, so a config asking for other bits is an error, not a
+    silent re-quantization), scales shaped as the module's quantizer makes them. State-dict keys
+    containing one of ``fillable`` may be absent (buffers the model fills in itself on load)."""
+    expected = model.state_dict()
+    missing = sorted(k for k in set(expected) - set(packed.tensors) if not any(f in k for f in fillable))
+    extra = sorted(set(packed.tensors) - set(expected))
+    if missing or extra:
+        raise PackedModelError(
+            f"{source}: does not match the model built from its config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for name, tensor in packed.tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise PackedModelError(f"{source}: tensor '{name}' has shape {list(tensor.shape)} in the file, the "
+                                   f"config builds {list(expected[name].shape)}")
+    qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items()}
+    for name, module in qmods.items():
+        stored = packed.encodings.get(name)
+        stored_bits = 0 if stored is None else stored[2]
+        if stored_bits != module.bits:
+            raise PackedModelError(
+                f"{source}: tensor '{name}' is stored at {stored_bits or 'full precision'}"
+                f"{'-bit' if stored_bits else ''} but the config sets {module.bits or 'full precision'}"
+                f"{'-bit' if module.bits else ''}; decode with the config the file was exported with"
+            )
+        if stored is not None:
+            scale = stored[1]
+            like = [module.weight.shape[0]] if getattr(module.weight_quantizer, "per_channel", False) else []
+            if list(scale.shape) != like:
+                raise PackedModelError(f"{source}: tensor '{name}' has scale shape {list(scale.shape)}, the "
+                                       f"config's quantizer makes {like} (per_channel differs?)")
+    stray = sorted(set(packed.encodings) - set(qmods))
+    if stray:
+        raise PackedModelError(f"{source}: tensor '{stray[0]}' is stored quantized but the config builds it "
+                               f"in full precision; decode with the config the file was exported with")
+
+
+def loading_source(default: str = "packed checkpoint") -> str:
+    """The model file being loaded, for error messages. ``load_state_dict`` hooks never see the
+    path, so look for ESPnet's ``model_file`` argument up the stack (``build_model_from_file``,
+    used by ``Speech2Text`` and ``asr_inference``); fall back to ``default``."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            value = frame.f_locals.get("model_file")
+            if isinstance(value, (str, Path)):
+                return str(value)
+            frame = frame.f_back
+    finally:
+        del frame
+    return default
+
+
+def load_packed(path: Union[str, Path]) -> PackedState:
     """Read a packed file from disk (errors name the file)."""
     path = Path(path)
     if not path.is_file():

@@ -14,8 +14,8 @@ Grids (``n`` bits, ``q = 2**(n-1) - 1``):
   ``beta = max|W|``; read literally the largest level would be ``q * max|W|``, so we read beta as the
   range the grid spans (identical for n = 2, ternary ``beta * {-1, 0, 1}``).
 * 1 bit: ``sign(W) * alpha`` with ``alpha = mean|W|`` (the L1-optimal binary scale), sign(0) = +1.
-* learned scale (LSQ-style), any supported n: one learnable tensor-wise step per bit width, used by
-  the one-bit method; gradient of the step as in LSQ, scaled by ``1/sqrt(numel * q)``.
+* learned scale (LSQ-style), any supported n: one learnable tensor-wise step per bit width;
+  gradient of the step as in LSQ, scaled by ``1/sqrt(numel * q)``.
 """
 from __future__ import annotations
 
@@ -47,9 +47,23 @@ def qmax(bits: int) -> int:
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward exactly ``w_hat``, backward identity to ``w``. The usual ``w + (w_hat - w).detach()``
+    rounds twice, so its forward is not bit-exact to ``w_hat`` (nor to what a packed model
+    computes from the same codes)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+        return w_hat.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def _ste(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """Forward ``w_hat``, backward identity to ``w`` (straight-through estimator)."""
-    return w + (w_hat - w).detach()
+    return _StraightThrough.apply(w, w_hat)
 
 
 def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -162,8 +176,12 @@ class LearnedScaleQuantizer(WeightQuantizer):
 
     Steps are parameters named ``step_<n>bit`` so an optimizer trains them with the weights.
     They are initialised from the weight on the first forward (after any checkpoint was loaded):
-    ``mean|W|`` for 1 bit, ``2 mean|W| / sqrt(q)`` otherwise (the LSQ initialisation).
+    ``mean|W|`` for 1 bit, ``2 mean|W| / sqrt(q)`` otherwise (the LSQ initialisation). A step the
+    optimizer pushes to zero or below is used as ``MIN_STEP`` in the forward (the gradient still
+    reaches the parameter, so it can recover), and a packed file stores what the forward used.
     """
+
+    MIN_STEP = 1e-8
 
     def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS) -> None:
         super().__init__(bit_choices)
@@ -179,9 +197,10 @@ class LearnedScaleQuantizer(WeightQuantizer):
             with torch.no_grad():
                 m = w.detach().abs().mean()
                 p.copy_(m if bits == 1 else 2 * m / math.sqrt(qmax(bits)))
-                p.clamp_(min=1e-8)
+                p.clamp_(min=self.MIN_STEP)
                 self.initialized[idx] = True
-        return p
+        # value clamped, gradient straight through (a plain clamp would stop it below MIN_STEP)
+        return _ste(p, p.clamp(min=self.MIN_STEP))
 
     def fake_quantize(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         s = self.step(w, bits)
