@@ -5,7 +5,10 @@ Kept separate from training code so that data can be rebuilt and checked
 importing torch or ESPnet.
 """
 from espnet_compress.corpus.kaldi_dir import (
+    CORPUS_SUBSETS,
     DataDirError,
+    SampleRate,
+    validate_corpus_dir,
     validate_data_dir,
     write_kaldi_dir,
 )
@@ -22,8 +25,10 @@ from espnet_compress.corpus.spoken_commands import (
 )
 
 __all__ = [
+    "CORPUS_SUBSETS",
     "VOCABULARY",
     "DataDirError",
+    "SampleRate",
     "SplitReport",
     "UtteranceSpec",
     "Voice",
@@ -32,6 +37,7 @@ __all__ = [
     "plan_split",
     "render_utterance",
     "split_voices",
+    "validate_corpus_dir",
     "validate_data_dir",
     "write_kaldi_dir",
 ]

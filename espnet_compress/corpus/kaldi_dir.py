@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
 REQUIRED_FILES = ("wav.scp", "text", "utt2spk")
+#: The subsets a corpus for the main job and the benchmarks consists of (train, early stopping, test).
+CORPUS_SUBSETS = ("train", "dev", "test")
 
 # ``foo.ark:1234`` entries point into an archive; the archive is what must exist.
 _ARK_OFFSET = re.compile(r"^(?P<ark>.+\.ark):\d+$")
@@ -28,6 +30,18 @@ _ARK_OFFSET = re.compile(r"^(?P<ark>.+\.ark):\d+$")
 
 class DataDirError(ValueError):
     """A Kaldi data directory is malformed; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class SampleRate:
+    """The sample rate the audio must have, and where that requirement comes from.
+
+    ``source`` is quoted in errors (e.g. ``"frontend_conf.fs in conf/train.yaml"``) so that a
+    mismatch says which setting to change, not just that two numbers differ.
+    """
+
+    hz: int
+    source: str
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,31 @@ def write_kaldi_dir(path: PathLike, entries: Iterable[tuple[str, str, str, str]]
     return len(rows)
 
 
-def validate_data_dir(path: PathLike) -> int:
+def validate_corpus_dir(path: PathLike, sample_rate: Optional[SampleRate] = None,
+                        subsets: Sequence[str] = CORPUS_SUBSETS) -> Dict[str, int]:
+    """Check a corpus root holding one Kaldi data dir per subset; return utterances per subset.
+
+    Every subset is checked with :func:`validate_data_dir` (audio headers included when
+    ``sample_rate`` is given). All missing subsets are named at once: a user assembling a corpus
+    by hand learns the whole layout from one error, not one directory per attempt.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataDirError(f"{root}: not a directory (expected a corpus with subsets {', '.join(subsets)})")
+    missing = [name for name in subsets if not (root / name).is_dir()]
+    if missing:
+        raise DataDirError(
+            f"{root}: missing subset(s) {', '.join(repr(m) for m in missing)}; a corpus needs "
+            f"{', '.join(subsets)}, each a Kaldi data dir with {', '.join(REQUIRED_FILES)}"
+        )
+    counts = {name: validate_data_dir(root / name, sample_rate) for name in subsets}
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise DataDirError(f"{root / empty[0]}: no utterances (every subset of a corpus needs some)")
+    return counts
+
+
+def validate_data_dir(path: PathLike, sample_rate: Optional[SampleRate] = None) -> int:
     """Check a Kaldi data directory and return its number of utterances.
 
     Raises :class:`DataDirError` naming the offending file and the first bad
@@ -68,7 +106,10 @@ def validate_data_dir(path: PathLike) -> int:
     unique ids; ``wav.scp``, ``text`` and ``utt2spk`` cover the same ids;
     transcripts are non-empty; plain wav paths exist (piped commands ending
     in ``|`` are not run); utterance ids start with their speaker id; and, if
-    present, ``spk2utt`` is exactly the inverse of ``utt2spk``.
+    present, ``spk2utt`` is exactly the inverse of ``utt2spk``.  With
+    ``sample_rate``, every plain audio file's header is read as well: it must
+    be a sound file, mono, at that rate (training would otherwise fail in the
+    data loader mid-epoch, or worse, run the front end on the wrong rate).
     """
     data_dir = Path(path)
     if not data_dir.is_dir():
@@ -83,7 +124,7 @@ def validate_data_dir(path: PathLike) -> int:
     _check_same_ids(data_dir / "text", text, data_dir / "wav.scp", wav_scp)
     _check_same_ids(data_dir / "utt2spk", utt2spk, data_dir / "wav.scp", wav_scp)
     _check_transcripts(data_dir / "text", text)
-    _check_wav_paths(data_dir / "wav.scp", wav_scp)
+    _check_wav_paths(data_dir / "wav.scp", wav_scp, sample_rate)
     _check_speaker_prefixes(data_dir / "utt2spk", utt2spk)
     if (data_dir / "spk2utt").exists():
         _check_spk2utt(data_dir / "spk2utt", _read_table(data_dir / "spk2utt"), utt2spk)
@@ -158,8 +199,9 @@ def _check_transcripts(path: Path, rows: list[_Row]) -> None:
             raise DataDirError(f"{path}: empty transcript for {row.key!r} at line {row.line_no}")
 
 
-def _check_wav_paths(path: Path, rows: list[_Row]) -> None:
-    """Check that referenced audio exists; piped commands are not executed."""
+def _check_wav_paths(path: Path, rows: list[_Row], sample_rate: Optional[SampleRate] = None) -> None:
+    """Check that referenced audio exists (and, with ``sample_rate``, its header); piped commands
+    are not executed and archive entries (``x.ark:offset``) are only checked for existence."""
     for row in rows:
         if row.value.endswith("|"):
             continue
@@ -167,6 +209,27 @@ def _check_wav_paths(path: Path, rows: list[_Row]) -> None:
         audio = Path(ark.group("ark") if ark else row.value)
         if not audio.is_file():
             raise DataDirError(f"{path}: audio for {row.key!r} not found at line {row.line_no}: {row.value}")
+        if sample_rate is not None and not ark:
+            _check_audio_header(path, row, audio, sample_rate)
+
+
+def _check_audio_header(path: Path, row: _Row, audio: Path, sample_rate: SampleRate) -> None:
+    """ESPnet's ``sound`` reader (soundfile) must read the file as mono audio at the config's rate."""
+    import soundfile  # only here: the rest of this module needs nothing beyond the standard library
+
+    where = f"{path}: audio for {row.key!r} at line {row.line_no} ({audio})"
+    try:
+        info = soundfile.info(str(audio))
+    except RuntimeError as err:  # soundfile's LibsndfileError: "Format not recognised", empty file, ...
+        raise DataDirError(f"{where} is not a readable audio file: {err}") from None
+    if info.channels != 1:
+        raise DataDirError(f"{where} has {info.channels} channels; the ASR front end takes mono audio")
+    if info.samplerate != sample_rate.hz:
+        raise DataDirError(
+            f"{where} is {info.samplerate} Hz, but {sample_rate.source} is {sample_rate.hz} Hz; "
+            f"resample the corpus (e.g. `sox in.wav -r {sample_rate.hz} out.wav`) or train with a config for "
+            f"{info.samplerate} Hz"
+        )
 
 
 def _check_speaker_prefixes(path: Path, rows: list[_Row]) -> None:
