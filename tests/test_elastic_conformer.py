@@ -160,3 +160,30 @@ def test_deepcopy_and_default_plan_in_config():
     assert elastic.plan.blocks == (0, 1)
     clone = copy.deepcopy(elastic)
     assert clone.plan == elastic.plan
+
+
+def test_train_mode_equals_stock_conformer_with_dropout():
+    """Equivalence holds in training too: same dropout draws in the same order (same seed)."""
+    drop = dict(dropout_rate=0.2, positional_dropout_rate=0.1, attention_dropout_rate=0.1)
+    stock, elastic = _pair(**drop)
+    stock.train(), elastic.train()
+    x, lens = _inputs()
+    torch.manual_seed(7)
+    out_s = stock(x, lens)[0]
+    torch.manual_seed(7)
+    out_e = elastic(x, lens)[0]
+    torch.testing.assert_close(out_s, out_e, rtol=0, atol=0)
+
+
+def test_layer_drop_rate_is_refused_because_the_stock_conformer_ignores_it():
+    """ESPnet's ConformerEncoder accepts layer_drop_rate but never applies it: a twin that did
+    would train differently from the stock baseline."""
+    stock = ConformerEncoder(IDIM, **tiny_conformer_options(layer_drop_rate=0.5)).train()
+    x, lens = _inputs()
+    torch.manual_seed(0)
+    first = stock(x, lens)[0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(stock(x, lens)[0], first)  # no layer was dropped, whatever the draws
+    with pytest.raises(ValueError, match=r"encoder_conf.layer_drop_rate: 0.5 is not supported: ESPnet's "
+                                         r"ConformerEncoder accepts it but never applies it"):
+        ElasticConformerEncoder(IDIM, **tiny_conformer_options(layer_drop_rate=0.5))

@@ -210,3 +210,65 @@ def test_nested_conformer_is_the_supernet_without_quant_options(asr_task, tmp_pa
     assert bits["encoders.0.feed_forward.w_1"] == 8 and bits["encoders.2.feed_forward.w_1"] == 3
     with pytest.raises(SystemSpecError, match="unsupported bit width 7"):
         build(asr_task, tmp_path, encoder="nested_conformer", enc=enc, systems={"a": {"bits": 7}}, decoder_quant=None)
+
+
+def _drawn(stats):
+    return sorted(n for n in SYSTEMS if stats[f"loss_{n}"] is not None)
+
+
+def test_sampled_sequence_continues_after_resume(asr_task, tmp_path):
+    """The step counter is stored with the model, so ``--resume`` continues the draws."""
+    straight = build(asr_task, tmp_path, sampling="random", num_random_systems=1, sampling_seed=5)
+    straight.train()
+    draws = [_drawn(straight(**batch())[1]) for _ in range(6)]
+    first = build(asr_task, tmp_path, sampling="random", num_random_systems=1, sampling_seed=5)
+    first.train()
+    for _ in range(3):
+        first(**batch())
+    state = first.state_dict()
+    assert int(state["num_steps"]) == 3
+    resumed = build(asr_task, tmp_path, sampling="random", num_random_systems=1, sampling_seed=5)
+    resumed.load_state_dict(state, strict=True)
+    resumed.train()
+    assert [_drawn(resumed(**batch())[1]) for _ in range(3)] == draws[3:]
+
+
+def test_ctc_kl_compares_the_final_layers_posteriors_with_intermediate_ctc(asr_task, tmp_path):
+    enc = dict(ENC, interctc_layer_idx=[1])
+    model = build(asr_task, tmp_path, enc=enc, interctc_weight=0.3, kl_target="ctc",
+                  systems={"full": {}, "shallow": {"blocks": [0, 2]}})
+    model.train()
+    model(**batch())
+    captured = model._captured["ctc_logits"]  # the last system's ('shallow')
+    b = batch()
+    with torch.no_grad(), model.system("shallow"):
+        (final, _), _ = model.encode(b["speech"], b["speech_lengths"])
+        torch.testing.assert_close(captured, model.ctc.ctc_lo(final))
+
+
+def test_students_draw_their_own_encoder_dropout_masks(asr_task, tmp_path):
+    """The decoder replays the teacher's dropout masks on a fork of the RNG: two students with the
+    same plan still draw different encoder masks (they used to draw identical ones)."""
+    enc = dict(ENC, dropout_rate=0.3)
+    model = build(asr_task, tmp_path, enc=enc, share_computation=False,
+                  systems={"full": {}, "a": {"blocks": [0, 2]}, "b": {"blocks": [0, 2]}})
+    model.train()
+    _, stats, _ = model(**batch())
+    assert float(stats["loss_a"]) != float(stats["loss_b"])
+
+
+def test_checkpoint_selection_over_all_systems_is_reported_in_validation(asr_task, tmp_path):
+    model = build(asr_task, tmp_path)
+    model.eval()
+    with torch.no_grad():
+        _, stats, _ = model(**batch())
+    accs = [float(stats[f"acc_{n}"]) for n in SYSTEMS]
+    assert float(stats["acc_mean"]) == pytest.approx(sum(accs) / len(accs))
+    assert float(stats["acc_worst"]) == pytest.approx(min(accs))
+
+
+def test_the_active_system_is_logged_at_build(asr_task, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("ESPNET_COMPRESS_SYSTEM", "shallow")
+    with caplog.at_level("INFO", logger="espnet_compress.models.compressed_asr"):
+        build(asr_task, tmp_path)
+    assert "active system 'shallow'" in caplog.text and "'blocks': [0, 2]" in caplog.text

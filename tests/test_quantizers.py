@@ -70,7 +70,24 @@ def test_forward_is_the_dequantized_weight(bits):
     w = _weight()
     qz = MaxScaleQuantizer()
     qz.set_bits(bits)
-    torch.testing.assert_close(qz(w), _dequantized(qz, w, bits))  # STE adds at most rounding
+    w.requires_grad_(True)
+    # bit-exact, 1 bit included: the packed model computes codes x scale, and so must QAT
+    assert torch.equal(qz(w), _dequantized(qz, w, bits))
+
+
+def test_lsq_step_pushed_below_zero_is_floored_and_still_learns():
+    qz = LearnedScaleQuantizer((4,))
+    qz.set_bits(4)
+    w = _weight().requires_grad_(True)
+    qz(w)  # initialises the step from the weight
+    with torch.no_grad():
+        qz.steps["step_4bit"].fill_(-0.5)  # where an optimizer step could push it
+    out = qz(w)
+    assert torch.isfinite(out).all()
+    codes, scale = qz.encode(w, 4)
+    assert float(scale) == pytest.approx(LearnedScaleQuantizer.MIN_STEP)
+    (out * w.detach()).sum().backward()  # d/ds = sum(w * code) > 0: every code has the sign of w
+    assert qz.steps["step_4bit"].grad is not None and float(qz.steps["step_4bit"].grad) != 0.0
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 def trained(asr_task, tmp_path_factory):
     """A multi-system model after one optimizer step, saved like ESPnet's exp dir."""
     tmp = tmp_path_factory.mktemp("sys")
-    systems = dict(SYSTEMS, mixed={"blocks": [0, 0, 2], "ffn_units": [48, 24, 24]}, tail={"blocks": [1, 2], "ffn_units": 24})
+    systems = dict(SYSTEMS, mixed={"blocks": [0, 0, 2], "ffn_units": [48, 24, 24]}, tail={"blocks": [1, 2], "ffn_units": 24},
+                   mixed4={"blocks": [0, 2], "ffn_units": [48, 24], "bits": 4, "decoder_bits": 4},
+                   twice4={"blocks": [0, 0], "ffn_units": [48, 24], "bits": 4})
     model = build(asr_task, tmp, systems=systems)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -142,3 +144,28 @@ def test_export_of_an_impossible_plan_names_the_problem(foldable, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="exactly one of a system name or a plan"):
         export_system(tmp / "config.yaml", tmp / "model.pth", "seed", tmp_path / "x", plan={"depth": 2})
+
+
+@pytest.mark.parametrize("kernel", ["dequant", "int8", "int4", "auto"])
+def test_quantized_system_with_per_step_widths_exports_exactly(trained, tmp_path, monkeypatch, kernel):
+    """Block 2 runs at width 24 of 48 at 4 bits: the packed file holds the codes of that slice
+    (what the supernet computed), not a re-quantized slice of the stored 48-wide block; every
+    inference kernel computes with them (int8/int4 weight-only kernels take fp activations, so
+    they match up to float summation order)."""
+    model, tmp = trained
+    result = export_system(tmp / "config.yaml", tmp / "model.pth", "mixed4", tmp_path / "mixed4")
+    assert result.packed and not result.stock
+    from espnet2.tasks.asr import ASRTask
+
+    monkeypatch.setenv("ESPNET_COMPRESS_KERNEL", kernel)
+    standalone, _ = ASRTask.build_model_from_file(result.config, result.model_file, "cpu")
+    standalone.eval()
+    torch.testing.assert_close(_encode(standalone), _encode(model, "mixed4"), rtol=0, atol=2e-5)
+
+
+def test_a_quantized_block_at_two_widths_is_refused_by_name(trained, tmp_path):
+    _, tmp = trained
+    with pytest.raises(ValueError, match=r"system 'twice4': block 0 runs at FFN widths \[24, 48\] with 4-bit "
+                                         r"max-scale weights"):
+        export_system(tmp / "config.yaml", tmp / "model.pth", "twice4", tmp_path / "twice4")
+    assert not (tmp_path / "twice4").exists()  # refused before anything is written

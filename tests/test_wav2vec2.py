@@ -49,6 +49,22 @@ def test_default_plan_is_torchaudio_wav2vec2():
         enc(torch.randn(2, 3200, 40), lens)
 
 
+def test_train_mode_with_layer_drop_equals_torchaudio():
+    """torchaudio drops each layer when ``rand <= layer_drop``; the plan does the same per logical
+    step, with the same draws, so training matches the stock network step for step."""
+    drop = dict(encoder_layer_drop=0.5, encoder_dropout=0.1)
+    enc = _encoder(**drop).train()
+    ref = wav2vec2_model("group_norm", [tuple(c) for c in CONV], False, 32, 0.0, 8, 4, 3, 2, 0.0, 48,
+                         0.0, 0.1, False, 0.5, None).train()
+    ref.load_state_dict(enc.model.state_dict())
+    x, lens = wave()
+    for seed in range(4):  # several draws: some drop layers, some do not
+        torch.manual_seed(seed)
+        out = enc(x, lens)[0]
+        torch.manual_seed(seed)
+        torch.testing.assert_close(out, ref(x, lens)[0], rtol=0, atol=0)
+
+
 def _copy_layers(ref: torch.nn.Module, enc: ElasticWav2Vec2Encoder, layers, units: int) -> None:
     """``ref`` gets the encoder's non-layer weights and, as its layer i, physical layer layers[i]
     with the FFN cut to its first ``units`` hidden units."""
