@@ -26,7 +26,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # ---- Python environment ----------------------------------------------------------------------
-if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && "$venv/bin/python" -c "import espnet_compress, espnet2.tasks.asr" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && "$venv/bin/python" -c "import espnet_compress, espnet2.tasks.asr, resampy" 2>/dev/null; then
     echo "[install] .venv is up to date"
     exit 0
 fi
@@ -34,7 +34,8 @@ fi
 pip="$venv/bin/python -m pip"
 $pip install -q --disable-pip-version-check "pip==24.0"
 $pip install -q --disable-pip-version-check "torch==2.11.0" "torchaudio==2.11.0"
-$pip install -q --disable-pip-version-check "espnet==202511" "espnet_model_zoo==0.1.7" tensorboard
+# resampy: ESPnet's recipe scripts import it (TEMPLATE pyscripts/audio/format_wav_scp.py, asr.sh stage 3)
+$pip install -q --disable-pip-version-check "espnet==202511" "espnet_model_zoo==0.1.7" tensorboard "resampy==0.4.3"
 $pip install -q --disable-pip-version-check -e ".[test]"
 $pip check
 touch "$stamp"
