@@ -54,7 +54,7 @@ class ElasticFFN:
 
     Keeping the *first* ``active_units`` hidden units (rows of the first layer, columns of the
     second) makes every narrower FFN a sub-network of every wider one, which is what
-    weight-masking supernets and width search need; the output bias is kept whole because it
+    weight-masking supernets rely on; the output bias is kept whole because it
     lives in model space. Subclasses name their two layers (``IN``/``OUT``) and say what runs
     between them (``hidden``); the host class this converts is ``HOST``.
     """

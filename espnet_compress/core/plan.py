@@ -1,8 +1,8 @@
 """Execution plans: what an elastic encoder runs on one forward pass.
 
 Every method in this toolkit is a way of choosing plans over one set of physical weights:
-nested systems skip blocks and narrow FFNs, foldable systems repeat blocks, searchable systems pick
-widths, quantized systems pick bit widths. Keeping the plan a small immutable value (rather than
+nested systems skip blocks and narrow FFNs, foldable systems repeat blocks, quantized systems pick
+bit widths. Keeping the plan a small immutable value (rather than
 flags scattered over modules) lets a model hold many plans, validate them once at build time, and
 switch between them per forward pass without touching the weights.
 """

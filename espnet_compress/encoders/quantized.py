@@ -1,8 +1,7 @@
 """Quantized configuration of any elastic encoder: a weight quantizer on every Linear and Conv1d.
 
 Bit widths come from ``quant_conf.bits`` (a default plus overrides by module-name pattern) and are
-part of the encoder's execution plan, so a nested or mixed-precision model can switch them per
-forward pass. Typical use is QAT fine-tuning from an fp32 checkpoint (``--init_param``): the
+part of the encoder's execution plan, so a nested model can switch them per forward pass. Typical use is QAT fine-tuning from an fp32 checkpoint (``--init_param``): the
 parameter names are the host's, so the checkpoint loads as is.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ class QuantConfig:
             or ``lsq`` (learnable tensor-wise step per bit width, for 1-2 bit training).
         per_channel: one scale per output channel instead of per tensor (``max`` only).
         bit_choices: every width a plan may later select for these weights; defaults to the widths
-            named in ``bits``. Nested and co-training setups list all their precisions here.
+            named in ``bits``. Nested setups list all their systems' precisions here.
         exclude: module-name patterns never quantized (checked before ``bits``).
     """
 

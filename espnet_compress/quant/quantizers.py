@@ -1,7 +1,7 @@
 """Weight quantizers: small modules that fake-quantize a weight tensor at a switchable bit width.
 
 One quantizer object serves every precision of the weight it guards (``set_bits``), because the
-nested, mixed-precision and one-bit methods all evaluate the *same* weights at several precisions.
+systems of a nested supernet evaluate the *same* weights at several precisions.
 Each quantizer can also ``encode`` a weight to integer codes plus scales (what a packed checkpoint
 stores) and ``decode`` them back; fake quantization in training is ``decode(encode(w))`` with a
 straight-through estimator (STE), so a packed model computes what the QAT model computed.
