@@ -51,6 +51,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from espnet_compress.pipeline.data import SYNTHETIC_DATA, resolve_corpus  # noqa: E402
 from espnet_compress.pipeline.stages import (  # noqa: E402
     AsrExperiment,
     collect_stats,
@@ -81,6 +82,9 @@ def add_common_args(p: argparse.ArgumentParser, default_exp: str = "exp/tiny") -
                    help="epochs for EVERY training (passed as asr_train --max_epoch); default: the configs' own")
     p.add_argument("--train_arg", action="append", default=[], dest="train_args",
                    help="extra asr_train argument, repeatable (e.g. --train_arg=--batch_bins --train_arg=500000)")
+    p.add_argument("--data_dir", type=Path, default=None,
+                   help="your own corpus (train/, dev/, test/ Kaldi data dirs) instead of the synthetic one; "
+                        "default: the corpus --exp_dir was made from")
     p.add_argument("--num_train", type=int, default=2000, help="corpus size if the corpus must be made")
     p.add_argument("--num_dev", type=int, default=150)
     p.add_argument("--num_test", type=int, default=300)
@@ -112,16 +116,25 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
 
 def prepare_corpus(args: argparse.Namespace) -> AsrExperiment:
     """Data, word token list and feature stats (reused when present); returns a template
-    experiment (baseline config) that the benchmarks copy with ``dataclasses.replace``."""
+    experiment (baseline config) that the benchmarks copy with ``dataclasses.replace``.
+
+    The corpus is the user's ``--data_dir`` (validated, audio at the baseline config's rate, before
+    anything is written), else the one ``--exp_dir`` was made from, else the synthetic corpus."""
     exp_dir = args.exp_dir.resolve()
-    data = exp_dir / "data"
+    try:
+        corpus = resolve_corpus(exp_dir, args.data_dir, [BASELINE_CONFIG])
+    except ValueError as err:  # DataDirError too
+        raise SystemExit(f"benchmark: {err}") from None
+    data = corpus.path if corpus is not None else exp_dir / SYNTHETIC_DATA
     template = AsrExperiment(
         data_dir=data, train_set="train", valid_set="dev", test_sets=["test"],
         token_list=exp_dir / "token_list" / "word" / "tokens.txt", stats_dir=exp_dir / "asr_stats",
         exp_dir=exp_dir / "asr_conformer", train_config=BASELINE_CONFIG, inference_config=DECODE_CONFIG,
         decode_nj=args.nj,
     )
-    if all((data / s / "text").is_file() for s in ("train", "dev", "test")):
+    if corpus is not None:
+        log.info("using the corpus in %s (%s)", data, corpus.counts)
+    elif all((data / s / "text").is_file() for s in ("train", "dev", "test")):
         counts = {s: sum(1 for _ in open(data / s / "text")) for s in ("train", "dev", "test")}
         log.info("reusing the corpus in %s (%s)", data, counts)
     else:

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from espnet_compress.export.packed_export import PACKED_NAME, export_packed  # noqa: E402
+from espnet_compress.pipeline.data import SYNTHETIC_DATA, resolve_corpus  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
 from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
 from espnet_compress.scoring.sclite import score  # noqa: E402
@@ -123,11 +124,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     exp_dir = args.exp_dir.resolve()
-    data = exp_dir / "data"
+    baseline_config = CONF_DIR / "train_asr_conformer_tiny.yaml"
+    try:  # the user's corpus if the main job ran on one (--data_dir), else the synthetic one
+        corpus = resolve_corpus(exp_dir, None, [baseline_config])
+    except ValueError as err:  # also DataDirError: the corpus changed since the main job ran
+        print(f"benchmark: {err}", file=sys.stderr)
+        return 2
+    data = corpus.path if corpus is not None else exp_dir / SYNTHETIC_DATA
     baseline = AsrExperiment(
         data_dir=data, train_set="train", valid_set="dev", test_sets=["test"],
         token_list=exp_dir / "token_list" / "word" / "tokens.txt", stats_dir=exp_dir / "asr_stats",
-        exp_dir=exp_dir / "asr_conformer", train_config=CONF_DIR / "train_asr_conformer_tiny.yaml",
+        exp_dir=exp_dir / "asr_conformer", train_config=baseline_config,
         inference_config=CONF_DIR / "decode_asr.yaml",
     )
     fp32_model = baseline.exp_dir / baseline.inference_model

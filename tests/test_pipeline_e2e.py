@@ -1,8 +1,9 @@
 """A few dozen utterances through the whole pipeline: stock ESPnet programs train, decode, score.
 
-Trains the stock ``conformer`` and our ``elastic_conformer`` with identical tiny configs and the
-same seed: with the default plan the elastic encoder is the stock encoder, so the two trainings
-must produce the same weights and the same hypotheses.
+Trains the stock ``conformer`` and a 4-bit QAT fine-tune of it; ``elastic_conformer`` is not trained
+but the conformer's checkpoint reloaded with the encoder swapped: with the default plan the elastic
+encoder is the stock encoder, so the stock ``asr_inference`` must give the same hypotheses with the
+same scores.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from espnet_compress.pipeline.tiny import CONF_DIR, TinyRunConfig, TinySystem, run_tiny
+from espnet_compress.pipeline.tiny import CONF_DIR, ReloadedSystem, TinyRunConfig, TinySystem, run_tiny
 from tests.conftest import run_python
 
 pytestmark = pytest.mark.slow
@@ -41,8 +42,8 @@ def tiny_run(tmp_path_factory):
     cfg = TinyRunConfig(
         out_dir=tmp / "exp",
         systems=[TinySystem("conformer", _tiny_config(tmp, "conformer")),
-                 TinySystem("elastic_conformer", _tiny_config(tmp, "elastic_conformer")),
                  TinySystem("qat_4bit", _tiny_config(tmp, "quantized_conformer", bits=4), "conformer", packed=True)],
+        reloaded=[ReloadedSystem("elastic_conformer", "conformer", "elastic_conformer")],
         baseline="conformer", num_train=40, num_dev=8, num_test=12, nj=2,
     )
     table = run_tiny(cfg)
@@ -60,7 +61,12 @@ def test_report_and_table(tiny_run):
         assert wer["num_sentences"] == 12 and wer["num_words"] > 12
         assert system["checkpoint_bytes"] == Path(system["model_file"]).stat().st_size
     report = (out / "report.md").read_text()
-    assert "| train:elastic_conformer |" in report and "MAPSSWE" in report
+    assert "| reload:elastic_conformer |" in report and "MAPSSWE" in report
+    assert "train:elastic_conformer" not in report
+    stages = [s["name"] for s in json.loads((out / "stages.json").read_text())]
+    assert stages == ["data", "token_list", "collect_stats", "train:conformer", "decode:conformer",
+                      "reload:elastic_conformer", "decode:elastic_conformer", "train:qat_4bit",
+                      "export_packed:qat_4bit", "decode:qat_4bit", "score"]
 
 
 def test_qat_system_is_decoded_from_its_packed_checkpoint(tiny_run):
@@ -80,21 +86,44 @@ def test_qat_system_is_decoded_from_its_packed_checkpoint(tiny_run):
 def test_stock_programs_trained_our_encoder(tiny_run):
     cfg, _ = tiny_run
     out = Path(cfg.out_dir)
-    train_conf = yaml.safe_load((out / "asr_elastic_conformer" / "config.yaml").read_text())
-    assert train_conf["encoder"] == "elastic_conformer"
-    assert "espnet2.bin.asr_train" in (out / "asr_elastic_conformer" / "train.log").read_text().splitlines()[0]
+    train_conf = yaml.safe_load((out / "asr_qat_4bit" / "config.yaml").read_text())
+    assert train_conf["encoder"] == "quantized_conformer"
+    assert "espnet2.bin.asr_train" in (out / "asr_qat_4bit" / "train.log").read_text().splitlines()[0]
 
 
-def test_elastic_training_equals_stock_training(tiny_run):
+def test_reloaded_elastic_conformer_decodes_like_the_stock_one(tiny_run):
     cfg, table = tiny_run
     out = Path(cfg.out_dir)
-    stock = torch.load(out / "asr_conformer" / "valid.acc.best.pth", map_location="cpu")
-    elastic = torch.load(out / "asr_elastic_conformer" / "valid.acc.best.pth", map_location="cpu")
-    assert list(stock) == list(elastic)
-    for key in stock:
-        torch.testing.assert_close(elastic[key], stock[key], rtol=1e-4, atol=1e-5, msg=key)
-    hyps = [(Path(r.spec.decode_dir) / "test" / "text").read_text() for r in table.rows]
+    elastic, stock = out / "asr_elastic_conformer", out / "asr_conformer"
+    assert not (elastic / "train.log").exists()  # no second training
+    assert (elastic / "valid.acc.best.pth").resolve() == (stock / "valid.acc.best.pth").resolve()
+    conf, stock_conf = (yaml.safe_load((d / "config.yaml").read_text()) for d in (elastic, stock))
+    assert conf["encoder"] == "elastic_conformer"
+    assert {k: v for k, v in conf.items() if k != "encoder"} == {k: v for k, v in stock_conf.items() if k != "encoder"}
+    log = next((Path(table.rows[1].spec.decode_dir) / "test" / "logdir").glob("asr_inference.*.log")).read_text()
+    assert "espnet2.bin.asr_inference" in log.splitlines()[0]
+    hyps = [(Path(r.spec.decode_dir) / "test" / "text").read_text() for r in table.rows[:2]]
     assert hyps[0] == hyps[1]
+    scores = [sorted((Path(r.spec.decode_dir) / "test" / "logdir").glob("output.*/1best_recog/score"))
+              for r in table.rows[:2]]
+    assert len(scores[0]) == len(scores[1]) == 2
+    assert [p.read_text() for p in scores[0]] == [p.read_text() for p in scores[1]]
+    report = (out / "report.md").read_text()
+    assert "| elastic_conformer | `elastic_conformer` | conformer | 12 | 12 | 0 | identical |" in report
+
+
+def test_rerun_skips_every_finished_stage(tiny_run):
+    cfg, table = tiny_run
+    out = Path(cfg.out_dir)
+    outputs = [out / "data" / "train" / "text", out / "token_list" / "word" / "tokens.txt",
+               out / "asr_stats" / "train" / "feats_stats.npz", *out.glob("asr_*/valid.acc.best.pth"),
+               out / "asr_elastic_conformer" / "config.yaml", out / "asr_qat_4bit" / "packed" / "model.packed.pth",
+               *out.glob("asr_*/**/decode_*/test/text")]
+    assert len(outputs) == 11
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    rerun = run_tiny(cfg)
+    assert [r.wer["test"].wer for r in rerun.rows] == [r.wer["test"].wer for r in table.rows]
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
 
 
 def test_pack_and_speech2text_in_user_code(tiny_run, tmp_path):

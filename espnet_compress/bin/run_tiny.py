@@ -1,8 +1,9 @@
-"""Run the tiny spoken_commands pipeline end to end and print the comparison table.
+"""Run the tiny pipeline end to end and print the comparison table.
 
 Usage::
 
     python -m espnet_compress.bin.run_tiny --out_dir exp/tiny
+    python -m espnet_compress.bin.run_tiny --out_dir exp/mine --data_dir /path/to/corpus   # train/ dev/ test/
     python -m espnet_compress.bin.run_tiny --out_dir /tmp/t --num_train 40 --num_dev 8 --num_test 8 \
         --system small=my_small.yaml --system q4=my_q4.yaml,init_from=small,packed \
         --baseline small --train_arg=--max_epoch --train_arg=1
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from espnet_compress.pipeline.tiny import DEFAULT_SYSTEMS, TinyRunConfig, TinySystem, run_tiny
+from espnet_compress.pipeline.tiny import DEFAULT_RELOADED, DEFAULT_SYSTEMS, ReloadedSystem, TinyRunConfig, TinySystem, run_tiny
 
 
 def _system(value: str) -> TinySystem:
@@ -35,15 +36,31 @@ def _system(value: str) -> TinySystem:
     return TinySystem(name, Path(config), init_from, packed)
 
 
+def _reloaded(value: str) -> ReloadedSystem:
+    """``NAME=SOURCE:ENCODER``."""
+    name, sep, rest = value.partition("=")
+    source, colon, encoder = rest.partition(":")
+    if not sep or not colon or not name or not source or not encoder:
+        raise argparse.ArgumentTypeError(f"expected NAME=SOURCE:ENCODER, got '{value}'")
+    return ReloadedSystem(name, source, encoder)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", type=Path, default=Path("exp/tiny"))
     p.add_argument("--system", type=_system, action="append", dest="systems",
-                   help="NAME=TRAIN_CONFIG[,init_from=NAME][,packed] (repeatable); default: stock conformer, "
-                        "elastic_conformer, and 8-/4-bit QAT fine-tunes of the conformer exported packed")
+                   help="NAME=TRAIN_CONFIG[,init_from=NAME][,packed] (repeatable); default: stock conformer "
+                        "and 8-/4-bit QAT fine-tunes of the conformer exported packed")
+    p.add_argument("--reload", type=_reloaded, action="append", dest="reloaded",
+                   help="NAME=SOURCE:ENCODER (repeatable): no training, decode SOURCE's checkpoint with its config's "
+                        "encoder swapped to ENCODER; default with the default systems: "
+                        "elastic_conformer=conformer:elastic_conformer")
+    p.add_argument("--data_dir", type=Path, default=None,
+                   help="your own corpus: a dir with train/, dev/, test/ Kaldi data dirs (wav.scp, text, utt2spk; "
+                        "audio at the training configs' frontend_conf.fs); default: make the synthetic corpus")
     p.add_argument("--baseline", default=None, help="system the others are tested against (default: first)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_train", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
+    p.add_argument("--num_train", type=int, default=2000, help="synthetic corpus size")
     p.add_argument("--num_dev", type=int, default=150)
     p.add_argument("--num_test", type=int, default=300)
     p.add_argument("--nj", type=int, default=2, help="parallel corpus/decode jobs")
@@ -56,14 +73,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     systems = args.systems or list(DEFAULT_SYSTEMS)
+    reloaded = args.reloaded or ([] if args.systems else list(DEFAULT_RELOADED))
     cfg = TinyRunConfig(
-        out_dir=args.out_dir, systems=systems, baseline=args.baseline or systems[0].name, seed=args.seed,
-        num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test, nj=args.nj,
-        train_args=args.train_args,
+        out_dir=args.out_dir, systems=systems, reloaded=reloaded, baseline=args.baseline or systems[0].name,
+        seed=args.seed, num_train=args.num_train, num_dev=args.num_dev, num_test=args.num_test, nj=args.nj,
+        train_args=args.train_args, data_dir=args.data_dir,
     )
     try:
         table = run_tiny(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # a DataDirError is a ValueError
         print(f"run_tiny: {err}", file=sys.stderr)
         return 2
     print(table.to_markdown())

@@ -1,20 +1,33 @@
-"""The README's main job: the spoken_commands corpus end to end through stock ESPnet programs.
+"""The README's main job: a corpus end to end through stock ESPnet programs.
 
-data (espeak-ng + sox) -> word token list -> feature stats -> train each system -> decode ->
+data (the synthetic spoken_commands corpus made with espeak-ng + sox, or the user's own Kaldi data
+dir via ``--data_dir``) -> word token list -> feature stats -> train each system -> decode ->
 sclite + MAPSSWE against the baseline -> ``report.md`` (timings, sizes, WERs, verdicts).
 Every stage is restartable: rerunning skips what is already on disk.
+
+The elastic core is shown to *be* the stock Conformer without training it a second time: the
+baseline's checkpoint is loaded into ``elastic_conformer`` (the baseline's config with the encoder
+swapped) and decoded by the stock ``asr_inference``; the report compares hypotheses and scores
+utterance by utterance. A second, identical training used to double the job's length for that.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
+import re
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import yaml
+
+from espnet_compress.corpus.kaldi_dir import CORPUS_SUBSETS
 from espnet_compress.corpus.spoken_commands import generate_corpus
 from espnet_compress.export.packed_export import PACKED_NAME, export_packed
-from espnet_compress.pipeline.stages import AsrExperiment, Stage, collect_stats, make_token_list, timed
+from espnet_compress.pipeline.data import SYNTHETIC_DATA, UserCorpus, resolve_corpus
+from espnet_compress.pipeline.stages import AsrExperiment, Stage, collect_stats, make_token_list, read_config, timed
 from espnet_compress.scoring.compare import ComparisonTable, SystemSpec, compare
 from espnet_compress.utils.io import atomic_write_text
 
@@ -23,9 +36,10 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf" / "spoken_commands"
 
+
 @dataclasses.dataclass(frozen=True)
 class TinySystem:
-    """One system of the tiny run.
+    """One trained system of the tiny run.
 
     Attributes:
         name: label in tables and the experiment dir ``asr_<name>``.
@@ -42,22 +56,47 @@ class TinySystem:
     packed: bool = False
 
 
-#: The main job: fp32 stock baseline, the elastic core trained the same way, and QAT fine-tunes
-#: of the baseline exported as packed 8- and 4-bit checkpoints.
+@dataclasses.dataclass(frozen=True)
+class ReloadedSystem:
+    """A system that is not trained: a trained system's checkpoint decoded with another encoder class.
+
+    Its config is the source's ``config.yaml`` (as ``asr_train`` wrote it) with ``encoder`` swapped;
+    its model file is a link to the source's checkpoint (same bytes). Decoding it with the stock
+    ``asr_inference`` shows that the two encoder classes compute the same function, which is what
+    "a stock checkpoint loads into the elastic core unchanged" promises.
+
+    Attributes:
+        name: label in tables and the dir ``asr_<name>``.
+        source: the trained system whose checkpoint is loaded.
+        encoder: the registered encoder name that replaces the source's.
+    """
+
+    name: str
+    source: str
+    encoder: str
+
+
+#: The main job: the fp32 stock baseline and QAT fine-tunes of it exported as packed 8- and 4-bit
+#: checkpoints; the elastic core is the baseline's checkpoint reloaded (no training).
 DEFAULT_SYSTEMS: Tuple[TinySystem, ...] = (
     TinySystem("conformer", CONF_DIR / "train_asr_conformer_tiny.yaml"),
-    TinySystem("elastic_conformer", CONF_DIR / "train_asr_elastic_conformer_tiny.yaml"),
     TinySystem("qat_8bit", CONF_DIR / "train_asr_quantized_conformer_tiny_8bit.yaml", "conformer", True),
     TinySystem("qat_4bit", CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml", "conformer", True),
 )
+DEFAULT_RELOADED: Tuple[ReloadedSystem, ...] = (ReloadedSystem("elastic_conformer", "conformer", "elastic_conformer"),)
 
 
 @dataclasses.dataclass
 class TinyRunConfig:
-    """What the tiny pipeline builds; defaults are the README's main job."""
+    """What the tiny pipeline builds; defaults are the README's main job.
+
+    ``data_dir``: the user's corpus (``train``/``dev``/``test`` Kaldi data dirs); None makes the
+    synthetic corpus of ``num_train``/``num_dev``/``num_test`` utterances (seed ``seed``) instead.
+    """
 
     out_dir: Path
     systems: Sequence[TinySystem] = DEFAULT_SYSTEMS
+    reloaded: Sequence[ReloadedSystem] = DEFAULT_RELOADED
     baseline: str = "conformer"
     seed: int = 0
     num_train: int = 2000
@@ -66,28 +105,121 @@ class TinyRunConfig:
     nj: int = 2
     train_args: Sequence[str] = ()
     inference_config: Path = CONF_DIR / "decode_asr.yaml"
+    data_dir: Optional[Path] = None
 
     def validate(self) -> None:
         names = [s.name for s in self.systems]
-        if len(set(names)) != len(names):
-            raise ValueError(f"system names must be unique, got {names}")
-        if self.baseline not in names:
-            raise ValueError(f"baseline '{self.baseline}' is not one of the systems {names}")
+        all_names = names + [r.name for r in self.reloaded]
+        if len(set(all_names)) != len(all_names):
+            raise ValueError(f"system names must be unique, got {all_names}")
+        if self.baseline not in all_names:
+            raise ValueError(f"baseline '{self.baseline}' is not one of the systems {all_names}")
         for i, system in enumerate(self.systems):
             if not Path(system.config).is_file():
                 raise FileNotFoundError(f"system '{system.name}': training config {system.config} does not exist")
             if system.init_from is not None and system.init_from not in names[:i]:
                 raise ValueError(f"system '{system.name}': init_from '{system.init_from}' must be a system listed before it")
+        packed = [s.name for s in self.systems if s.packed]
+        for reloaded in self.reloaded:
+            if reloaded.source not in names:
+                raise ValueError(f"reloaded system '{reloaded.name}': source '{reloaded.source}' is not a trained "
+                                 f"system {names}")
+            if reloaded.source in packed:
+                raise ValueError(f"reloaded system '{reloaded.name}': source '{reloaded.source}' is decoded from its "
+                                 f"packed export; reload the fp32 system it was fine-tuned from instead")
         if not Path(self.inference_config).is_file():
             raise FileNotFoundError(f"inference config {self.inference_config} does not exist")
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedStage:
+    """A stage of the run before it runs: what it does and how long it took on the project's machine.
+
+    ``run`` returns whether it did work (False: its outputs were already on disk).
+    """
+
+    name: str
+    run: Callable[[], bool]
+    expected_seconds: float
+
+
+#: Measured on the project's 2-core machine, for the duration printed when the job starts.
+#: Interpreter start plus ESPnet import of one stock program:
+PROGRAM_START_SECONDS = 15.0
+#: espeak-ng + sox for one synthetic utterance (2 jobs):
+SECONDS_PER_MADE_UTTERANCE = 0.025
+#: one training utterance through one epoch of the tiny Conformer (batches, validation, checkpoints):
+SECONDS_PER_TRAINED_UTTERANCE = 0.02
+#: one utterance of joint CTC/attention beam search (beam 5), per decoding job:
+SECONDS_PER_DECODED_UTTERANCE = 0.25
+#: feature statistics (front end over train + dev):
+SECONDS_PER_STATS_UTTERANCE = 0.005
+
+
 def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
-    """Run every stage, write ``<out_dir>/report.md`` and return the comparison table."""
+    """Run every stage, write ``<out_dir>/report.md`` and return the comparison table.
+
+    The configs and the user's corpus are validated before anything is written. The expected
+    duration is logged at the start and every stage logs ``stage i/N`` with the elapsed time.
+    """
     cfg.validate()
     out = Path(cfg.out_dir).resolve()
-    data = out / "data"
-    stages: List[Stage] = [timed("data", _make_data, cfg, data)]
+    corpus = resolve_corpus(out, cfg.data_dir, [s.config for s in cfg.systems])
+    data = corpus.path if corpus is not None else out / SYNTHETIC_DATA
+    counts = corpus.counts if corpus is not None else dict(zip(CORPUS_SUBSETS, (cfg.num_train, cfg.num_dev, cfg.num_test)))
+    experiments = _experiments(cfg, out, data)
+    first = experiments.get(cfg.baseline, experiments[cfg.systems[0].name])  # its config makes the stats
+
+    plan: List[PlannedStage] = [
+        # a user's corpus was validated above and is used in place: nothing to make
+        PlannedStage("data", lambda: corpus is None and _make_data(cfg, data),
+                     0.0 if corpus is not None else sum(counts.values()) * SECONDS_PER_MADE_UTTERANCE),
+        PlannedStage("token_list", lambda: make_token_list(data / "train" / "text", first.token_list),
+                     PROGRAM_START_SECONDS),
+        PlannedStage("collect_stats", lambda: collect_stats(first),
+                     2 * PROGRAM_START_SECONDS + (counts["train"] + counts["dev"]) * SECONDS_PER_STATS_UTTERANCE),
+    ]
+    decode_seconds = PROGRAM_START_SECONDS + counts["test"] * SECONDS_PER_DECODED_UTTERANCE / max(1, cfg.nj)
+    decoded: Dict[str, AsrExperiment] = {}
+    for system in cfg.systems:
+        exp = experiments[system.name]
+        plan.append(PlannedStage(f"train:{system.name}", exp.train, _training_seconds(exp, counts["train"])))
+        if system.packed:
+            packed_dir = exp.exp_dir / "packed"
+            plan.append(PlannedStage(f"export_packed:{system.name}", _bind(_export_packed, exp, packed_dir),
+                                     PROGRAM_START_SECONDS))
+            exp = dataclasses.replace(exp, exp_dir=packed_dir, inference_model=PACKED_NAME)
+        plan.append(PlannedStage(f"decode:{system.name}", exp.decode, decode_seconds))
+        decoded[system.name] = exp
+        for reloaded in (r for r in cfg.reloaded if r.source == system.name):
+            twin = dataclasses.replace(exp, exp_dir=out / f"asr_{reloaded.name}")
+            plan.append(PlannedStage(f"reload:{reloaded.name}", _bind(_reload, experiments[system.name], twin,
+                                                                       reloaded.encoder), 1.0))
+            plan.append(PlannedStage(f"decode:{reloaded.name}", twin.decode, decode_seconds))
+            decoded[reloaded.name] = twin
+    specs = [SystemSpec(name=n, decode_dir=decoded[n].decode_dir(),
+                        model_file=decoded[n].exp_dir / decoded[n].inference_model) for n in _table_order(cfg)]
+    tables: List[ComparisonTable] = []
+
+    def score() -> bool:
+        """sclite + MAPSSWE; always rerun (seconds), as a rerun may have decoded more systems."""
+        tables.append(compare(specs, cfg.baseline, data, ["test"], out / "compare"))
+        return True
+
+    plan.append(PlannedStage("score", score, 2 * PROGRAM_START_SECONDS))
+
+    stages = _run_plan(plan, out)
+    table = tables[0]
+    identities = [_identity(r, decoded[r.source], decoded[r.name]) for r in cfg.reloaded]
+    stages = _with_previous_timings(stages, out / "stages.json")
+    packed_reports = [out / f"asr_{s.name}" / "packed" / "size_report.json" for s in cfg.systems if s.packed]
+    atomic_write_text(out / "report.md", _report(cfg, corpus, stages, table, identities, packed_reports))
+    atomic_write_text(out / "stages.json", json.dumps([dataclasses.asdict(s) for s in stages], indent=2) + "\n")
+    return table
+
+
+def _experiments(cfg: TinyRunConfig, out: Path, data: Path) -> Dict[str, AsrExperiment]:
+    """One stock-ESPnet experiment per trained system, sharing the token list and feature stats."""
     experiments: Dict[str, AsrExperiment] = {}
     for system in cfg.systems:
         train_args = list(cfg.train_args)
@@ -101,26 +233,114 @@ def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
             inference_config=Path(cfg.inference_config).resolve(), train_args=train_args,
             decode_nj=cfg.nj,
         )
-    first = experiments[cfg.baseline]
-    stages.append(timed("token_list", make_token_list, data / "train" / "text", first.token_list))
-    stages.append(timed("collect_stats", collect_stats, first))
-    specs = []
+    return experiments
+
+
+def _table_order(cfg: TinyRunConfig) -> List[str]:
+    """Systems in table order: each trained system followed by its reloaded twins."""
+    order: List[str] = []
     for system in cfg.systems:
-        exp = experiments[system.name]
-        stages.append(timed(f"train:{system.name}", exp.train))
-        if system.packed:
-            packed_dir = exp.exp_dir / "packed"
-            stages.append(timed(f"export_packed:{system.name}", _export_packed, exp, packed_dir))
-            exp = dataclasses.replace(exp, exp_dir=packed_dir, inference_model=PACKED_NAME)
-        stages.append(timed(f"decode:{system.name}", exp.decode))
-        specs.append(SystemSpec(name=system.name, decode_dir=exp.decode_dir(),
-                                model_file=exp.exp_dir / exp.inference_model))
-    table = compare(specs, cfg.baseline, data, ["test"], out / "compare")
-    stages = _with_previous_timings(stages, out / "stages.json")
-    packed_reports = [out / f"asr_{s.name}" / "packed" / "size_report.json" for s in cfg.systems if s.packed]
-    atomic_write_text(out / "report.md", _report(cfg, stages, table, packed_reports))
-    atomic_write_text(out / "stages.json", json.dumps([dataclasses.asdict(s) for s in stages], indent=2) + "\n")
-    return table
+        order.append(system.name)
+        order += [r.name for r in cfg.reloaded if r.source == system.name]
+    return order
+
+
+def _bind(fn: Callable[..., bool], *args) -> Callable[[], bool]:
+    """A stage body with its arguments fixed (a named function, unlike a lambda in a loop)."""
+    return lambda: fn(*args)
+
+
+def _training_seconds(exp: AsrExperiment, num_train: int) -> float:
+    """Expected training time: epochs (the config's, or ``--max_epoch`` among the extra arguments)
+    times training utterances at the measured rate; an upper bound when early stopping is on."""
+    epochs = int(read_config(exp.train_config).get("max_epoch", 0))
+    args = list(exp.train_args)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--max_epoch":
+            epochs = int(args[i + 1])
+    return PROGRAM_START_SECONDS + epochs * num_train * SECONDS_PER_TRAINED_UTTERANCE
+
+
+def _run_plan(plan: Sequence[PlannedStage], out: Path) -> List[Stage]:
+    """Run the stages in order, logging the expected total first and ``stage i/N`` progress."""
+    total = sum(p.expected_seconds for p in plan)
+    log.info("main job in %s: %d stages, expected about %s on a 2-core CPU for a fresh run "
+             "(finished stages are skipped on a rerun)", out, len(plan), _minutes(total))
+    start = time.perf_counter()
+    stages: List[Stage] = []
+    for i, planned in enumerate(plan, start=1):
+        log.info("stage %d/%d %s: starting (expected %s; elapsed %s of about %s)", i, len(plan), planned.name,
+                 _minutes(planned.expected_seconds), _minutes(time.perf_counter() - start), _minutes(total))
+        stages.append(timed(planned.name, planned.run))
+    log.info("all %d stages finished in %s", len(plan), _minutes(time.perf_counter() - start))
+    return stages
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _reload(source: AsrExperiment, twin: AsrExperiment, encoder: str) -> bool:
+    """Write ``twin``'s config (the source's trained config, encoder swapped) and link its model
+    file to the source's checkpoint. Skipped when both exist; the config is written last."""
+    config = twin.exp_dir / "config.yaml"
+    model = twin.exp_dir / twin.inference_model
+    if config.exists() and model.exists():
+        return False
+    conf = read_config(source.exp_dir / "config.yaml")
+    conf["encoder"] = encoder
+    twin.exp_dir.mkdir(parents=True, exist_ok=True)
+    if model.is_symlink():
+        model.unlink()
+    model.symlink_to(os.path.relpath(source.exp_dir / source.inference_model, twin.exp_dir))
+    atomic_write_text(config, yaml.safe_dump(conf, sort_keys=False))
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Per-utterance comparison of a reloaded system's decoding with its source's."""
+
+    name: str
+    source: str
+    encoder: str
+    utterances: int
+    same_hypotheses: int
+    max_score_difference: float
+
+    @property
+    def identical(self) -> bool:
+        return self.same_hypotheses == self.utterances and self.max_score_difference == 0.0
+
+
+def _identity(reloaded: ReloadedSystem, source: AsrExperiment, twin: AsrExperiment) -> Identity:
+    """Compare hypotheses and beam-search scores of every test utterance (test set ``test``)."""
+    hyps = [_decoded(exp, "text") for exp in (source, twin)]
+    scores = [{k: float(_NUMBER.search(v).group()) for k, v in _decoded(exp, "score").items()}
+              for exp in (source, twin)]
+    if set(hyps[0]) != set(hyps[1]) or set(scores[0]) != set(scores[1]):
+        raise ValueError(f"{reloaded.name} and {reloaded.source} decoded different utterances; "
+                         f"see {twin.decode_dir()} and {source.decode_dir()}")
+    same = sum(hyps[0][k] == hyps[1][k] for k in hyps[0])
+    diff = max((abs(scores[0][k] - scores[1][k]) for k in scores[0]), default=0.0)
+    result = Identity(reloaded.name, reloaded.source, reloaded.encoder, len(hyps[0]), same, diff)
+    if not result.identical:
+        log.warning("%s differs from %s: %d/%d identical hypotheses, max score difference %.3g",
+                    reloaded.name, reloaded.source, same, result.utterances, diff)
+    return result
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?inf|nan")
+
+
+def _decoded(exp: AsrExperiment, field: str) -> Dict[str, str]:
+    """``utt -> value`` of asr_inference's ``1best_recog/<field>`` over all decoding jobs of ``test``."""
+    values: Dict[str, str] = {}
+    for part in sorted((exp.decode_dir() / "test" / "logdir").glob(f"output.*/1best_recog/{field}")):
+        for line in part.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            values[key] = value.strip()
+    return values
 
 
 def _with_previous_timings(stages: List[Stage], previous: Path) -> List[Stage]:
@@ -152,17 +372,36 @@ def _make_data(cfg: TinyRunConfig, data: Path) -> bool:
     return any(not r.reused for r in reports)
 
 
-def _report(cfg: TinyRunConfig, stages: Sequence[Stage], table: ComparisonTable,
-            packed_reports: Sequence[Path] = ()) -> str:
+def _report(cfg: TinyRunConfig, corpus: Optional[UserCorpus], stages: Sequence[Stage], table: ComparisonTable,
+            identities: Sequence[Identity] = (), packed_reports: Sequence[Path] = ()) -> str:
+    if corpus is None:
+        corpus_line = (f"Corpus: synthetic spoken_commands, seed {cfg.seed}, {cfg.num_train} train / {cfg.num_dev} dev / "
+                       f"{cfg.num_test} test utterances (test voices unseen in training).")
+    else:
+        corpus_line = (f"Corpus: `{corpus.path}`, {corpus.counts['train']} train / {corpus.counts['dev']} dev / "
+                       f"{corpus.counts['test']} test utterances, {corpus.sample_rate.hz} Hz.")
     lines = [
-        "# spoken_commands: tiny end-to-end run",
+        "# Tiny end-to-end run",
         "",
-        f"Corpus: seed {cfg.seed}, {cfg.num_train} train / {cfg.num_dev} dev / {cfg.num_test} test utterances "
-        "(test voices unseen in training). Training and decoding by stock `espnet2.bin` programs.",
+        corpus_line + " Training and decoding by stock `espnet2.bin` programs.",
         "",
         "## Systems",
         "",
         table.to_markdown(),
+    ]
+    if identities:
+        lines += [
+            "## Reloaded systems (no training): the source's checkpoint decoded with another encoder class",
+            "",
+            "| system | encoder | checkpoint of | test utterances | identical hypotheses | max abs score difference | verdict |",
+            "|---|---|---|---:|---:|---:|---|",
+            *[f"| {i.name} | `{i.encoder}` | {i.source} | {i.utterances} | {i.same_hypotheses} | "
+              f"{i.max_score_difference:.3g} | {'identical' if i.identical else 'DIFFERENT'} |" for i in identities],
+            "",
+            "Scores: the beam-search score of the best hypothesis (`1best_recog/score` of `asr_inference`).",
+            "",
+        ]
+    lines += [
         "## Compression (packed checkpoints, bytes on disk)",
         "",
         "| system | packed file bytes | fp32 checkpoint bytes | overall ratio | quantized weights ratio |",
