@@ -21,7 +21,6 @@ from espnet_compress.scoring import (
     SystemSpec,
     WerResult,
     compare,
-    count_parameters,
     mapsswe,
     score,
 )
@@ -380,40 +379,18 @@ def test_cli_bad_input_exits_2(tmp_path: Path, case: str) -> None:
 # ------------------------------------------------------------------------------- parameter count
 
 
-def test_count_parameters_state_dict_and_checkpoint(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    sd = model.state_dict()
-    # 12 + 4 (Linear) + 4 + 4 (BN affine) + 4 + 4 + 1 (BN running stats, num_batches_tracked)
-    torch.save(sd, tmp_path / "model.pth")
-    assert count_parameters(tmp_path / "model.pth") == 33
-    # Tied weights are stored once and must be counted once.
-    tied = dict(sd, **{"alias.weight": sd["0.weight"]})
-    torch.save(tied, tmp_path / "tied.pth")
-    assert count_parameters(tmp_path / "tied.pth") == 33
-    # ESPnet training checkpoint: only the model part counts, not the optimizer state.
-    torch.save({"model": sd, "optimizers": [{"state": {}}]}, tmp_path / "checkpoint.pth")
-    assert count_parameters(tmp_path / "checkpoint.pth") == 33
-
-
 @needs_sctk
-def test_cli_with_model_files_counts_parameters_and_sizes(tmp_path: Path) -> None:
+def test_cli_refuses_a_model_file_without_its_config(tmp_path: Path) -> None:
+    """Parameters are counted on the model a training config builds (buffers are not parameters;
+    tests/test_recipe_user_path.py counts real models), so a bare state dict is refused up front."""
     torch = pytest.importorskip("torch")
     dirs = make_experiment(tmp_path)
-    big, small = tmp_path / "big.pth", tmp_path / "small.pth"
-    torch.save(torch.nn.Linear(100, 100).state_dict(), big)
-    torch.save(torch.nn.Linear(10, 10).state_dict(), small)
-    out = tmp_path / "out"
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.nn.Linear(10, 10).state_dict(), bare)
     proc = run_cli(
         "--ref_dir", str(tmp_path / "data"), "--test_sets", "test", "--baseline", "base",
-        "--system", "base", str(dirs["base"]), str(big),
-        "--system", "tiny", str(dirs["tiny"]), str(small),
-        "--out_dir", str(out),
+        "--system", "base", str(dirs["base"]), str(bare), "--out_dir", str(tmp_path / "out"),
     )
-    assert proc.returncode == 0, proc.stderr
-    rows = {s["name"]: s for s in json.loads((out / "compare.json").read_text())["systems"]}
-    assert rows["base"]["num_params"] == 10100 and rows["tiny"]["num_params"] == 110
-    assert rows["base"]["checkpoint_bytes"] == big.stat().st_size
-    assert rows["tiny"]["size_ratio"] == pytest.approx(small.stat().st_size / big.stat().st_size)
-    assert rows["base"]["size_ratio"] == 1.0
-    assert f"| tiny | 110 | {small.stat().st_size:,} |" in proc.stdout
+    assert proc.returncode == 2
+    assert "model file of system 'base' has no config.yaml beside it" in proc.stderr and str(bare) in proc.stderr
+    assert not (tmp_path / "out" / "compare.md").exists()

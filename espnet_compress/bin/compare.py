@@ -6,19 +6,22 @@ Usage:
         --out_dir DIR [--alpha 0.05]
 
 DECODE_DIR holds ``<test_set>/text`` for every test set (the ESPnet inference dir); references are
-``<ref_dir>/<test_set>/text``. Writes DIR/compare.md and DIR/compare.json and prints the Markdown.
+``<ref_dir>/<test_set>/text``. Writes DIR/compare.md, DIR/compare.json and DIR/command.sh (this
+command line, which model cards quote) and prints the Markdown.
 Exit status: 0 ok, 2 bad input (the message names what is wrong), 1 missing tool / scoring failure.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from espnet_compress.scoring.compare import SystemSpec, compare
 from espnet_compress.scoring.sclite import ScoringInputError
+from espnet_compress.utils.io import atomic_write_text
 from espnet_compress.utils.tools import MissingToolError
 
 
@@ -68,6 +71,7 @@ def parse_systems(parser: argparse.ArgumentParser, raw: List[List[str]]) -> List
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     systems = parse_systems(parser, args.system)
@@ -79,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MissingToolError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
+    atomic_write_text(args.out_dir / "command.sh", shlex.join([*parser.prog.split(), *argv]) + "\n")
     print(table.to_markdown(), end="")
     return 0
 

@@ -1,6 +1,6 @@
 """Scoring of decoded test sets: sclite WER, MAPSSWE significance vs a baseline, comparison tables.
 
-Only the standard library is imported here (torch is loaded lazily by ``count_parameters``), so the
+Only the standard library is imported here (torch is loaded lazily to count parameters), so the
 scoring tools run in any Python that can see the ``sctk`` binaries.
 """
 from espnet_compress.scoring.compare import (
@@ -8,7 +8,6 @@ from espnet_compress.scoring.compare import (
     SystemRow,
     SystemSpec,
     compare,
-    count_parameters,
 )
 from espnet_compress.scoring.sclite import ScoringInputError, WerResult, score
 from espnet_compress.scoring.significance import (
@@ -26,7 +25,6 @@ __all__ = [
     "SystemSpec",
     "WerResult",
     "compare",
-    "count_parameters",
     "mapsswe",
     "score",
 ]

@@ -5,6 +5,10 @@ non-baseline system is tested against the baseline with MAPSSWE (``significance.
 is written as Markdown for humans and JSON (every number, every file path) for scripts, both atomically
 so a crash never leaves a half-written table that looks complete.
 
+Decode speed comes from asr.sh's own measurement (stage 12 runs ESPnet's ``calculate_rtf.py`` into
+``<decode_dir>/<test_set>/logdir/calculate_rtf.log``: audio seconds, decoding seconds, real-time
+factor); decode dirs without it show no speed.
+
 Layout under ``out_dir``::
 
     compare.md  compare.json
@@ -28,6 +32,7 @@ from espnet_compress.scoring.sclite import (
 )
 from espnet_compress.scoring.significance import SignificanceResult, mapsswe
 from espnet_compress.utils.io import atomic_write_text
+from espnet_compress.utils.params import PARAMETER_RULE
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +41,44 @@ logger = logging.getLogger(__name__)
 class SystemSpec:
     """A decoded system: ``decode_dir/<test_set>/text`` holds its hypotheses.
 
-    ``model_file`` gives the on-disk checkpoint size (and the parameter count if ``num_params`` is
-    None); without it both columns read "n/a".
+    ``model_file`` gives the on-disk checkpoint size and, if ``num_params`` is None, the parameter
+    count (:mod:`espnet_compress.utils.params`: counted on the model built from the ``config.yaml``
+    beside the file, buffers excluded); without it both columns read "n/a".
     """
 
     name: str
     decode_dir: Path
     model_file: Optional[Path] = None
     num_params: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DecodeSpeed:
+    """asr.sh's decode-speed measurement of one test set (summed over its decoding jobs)."""
+
+    audio_seconds: float
+    decode_seconds: float
+    rtf: float  # decoding time / audio duration
+
+    LOG = Path("logdir") / "calculate_rtf.log"
+    _FIELDS = {"Total audio duration:": "audio_seconds", "Total decoding time:": "decode_seconds", "RTF:": "rtf"}
+
+    @classmethod
+    def from_decode_dir(cls, test_set_dir: Path) -> Optional["DecodeSpeed"]:
+        """Parse ``<test_set_dir>/logdir/calculate_rtf.log``; None if asr.sh wrote none (another
+        decoder) or the measurement failed (the log then lacks the numbers)."""
+        log = Path(test_set_dir) / cls.LOG
+        if not log.is_file():
+            return None
+        values: Dict[str, float] = {}
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            for prefix, key in cls._FIELDS.items():
+                if line.startswith(prefix):
+                    values[key] = float(line[len(prefix):].split()[0])
+        return cls(**values) if len(values) == len(cls._FIELDS) else None
+
+    def to_dict(self) -> Dict[str, float]:
+        return {"audio_seconds": self.audio_seconds, "decode_seconds": self.decode_seconds, "rtf": self.rtf}
 
 
 @dataclass
@@ -56,6 +91,7 @@ class SystemRow:
     size_ratio: Optional[float]
     wer: Dict[str, WerResult] = field(default_factory=dict)
     significance: Dict[str, Optional[SignificanceResult]] = field(default_factory=dict)
+    speed: Dict[str, Optional[DecodeSpeed]] = field(default_factory=dict)
 
 
 def _fmt_int(x: Optional[int]) -> str:
@@ -126,10 +162,23 @@ class ComparisonTable:
             "\"lossless\" means the baseline is not significantly better than the system "
             "(no significant difference); \"worse\"/\"better\" are significant differences, "
             "with their p-value. "
-            "Size ratio = checkpoint bytes / baseline checkpoint bytes; parameters are as given or, if not "
-            "given, the number of tensor elements in the checkpoint's state dict."
+            "Size ratio = checkpoint bytes / baseline checkpoint bytes; "
+            f"{PARAMETER_RULE}."
         )
-        return "\n".join(lines) + "\n\n" + legend + "\n"
+        return "\n".join(lines) + "\n\n" + legend + "\n" + self._speed_markdown()
+
+    def _speed_markdown(self) -> str:
+        """Real-time factors measured by asr.sh, when any decode dir has them."""
+        if not any(s is not None for row in self.rows for s in row.speed.values()):
+            return ""
+        lines = ["", "| system | " + " | ".join(f"RTF {ts}" for ts in self.test_sets) + " |",
+                 "|---|" + "---:|" * len(self.test_sets)]
+        for row in self.rows:
+            cells = ["n/a" if row.speed[ts] is None else f"{row.speed[ts].rtf:.3f}" for ts in self.test_sets]
+            lines.append(f"| {row.spec.name} | " + " | ".join(cells) + " |")
+        lines += ["", "RTF: decoding time / audio duration, as asr.sh stage 12 measured it (calculate_rtf.py; "
+                      "sum over its decoding jobs)."]
+        return "\n".join(lines) + "\n"
 
     def to_dict(self) -> Dict[str, Any]:
         """Machine-readable view with every number and file path (strict-JSON safe)."""
@@ -151,6 +200,7 @@ class ComparisonTable:
                             "significance": None
                             if row.significance[ts] is None
                             else row.significance[ts].to_dict(),
+                            "speed": None if row.speed[ts] is None else row.speed[ts].to_dict(),
                         }
                         for ts in self.test_sets
                     },
@@ -159,48 +209,6 @@ class ComparisonTable:
         return _json_safe(
             {"baseline": self.baseline, "alpha": self.alpha, "test_sets": self.test_sets, "systems": systems}
         )
-
-
-def count_parameters(model_file: Path) -> int:
-    """Number of tensor elements in a checkpoint's state dict (parameters and buffers).
-
-    Loads with ``weights_only=True`` so an untrusted checkpoint cannot execute code. Accepts a plain
-    state dict (``*.pth`` written by ESPnet's averaging/packing) or ESPnet's training ``checkpoint.pth``
-    (``{"model": state_dict, "optimizers": ...}``; only the model part counts), or a packed
-    low-bit checkpoint (its header's tensor shapes count). Tensors nested in
-    tuples/lists (e.g. packed quantized Linear params) are counted; tensors sharing storage (tied
-    weights) are counted once. torch is imported here so that scoring works without it.
-    """
-    import torch
-
-    from espnet_compress.quant.packed import MAGIC, is_packed
-
-    obj = torch.load(model_file, map_location="cpu", weights_only=True)
-    if is_packed(obj):  # count the model's tensors, not the bytes of the packed payload
-        header = json.loads(obj[MAGIC])
-        return sum(math.prod(rec["shape"]) for rec in header["tensors"])
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"{model_file} does not hold a state dict (got {type(obj).__name__})")
-
-    seen = set()
-    total = 0
-
-    def visit(value: Any) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            key = (value.data_ptr(), tuple(value.shape), value.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += value.numel()
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-
-    for value in obj.values():
-        visit(value)
-    return total
 
 
 def _validate(systems: Sequence[SystemSpec], baseline: str, ref_dir: Path, test_sets: Sequence[str]) -> None:
@@ -234,6 +242,9 @@ def _validate(systems: Sequence[SystemSpec], baseline: str, ref_dir: Path, test_
                     problems.append(f"hypothesis text of system {s.name!r} not found: {hyp}")
         if s.model_file is not None and not Path(s.model_file).is_file():
             problems.append(f"model file of system {s.name!r} not found: {s.model_file}")
+        elif s.model_file is not None and s.num_params is None and not (Path(s.model_file).parent / "config.yaml").is_file():
+            problems.append(f"model file of system {s.name!r} has no config.yaml beside it (parameters are counted "
+                            f"on the model its training config builds): {s.model_file}")
         if s.num_params is not None and s.num_params < 0:
             problems.append(f"negative parameter count for system {s.name!r}")
     if problems:
@@ -263,12 +274,15 @@ def compare(
         model_file = None if spec.model_file is None else Path(spec.model_file)
         num_params = spec.num_params
         if num_params is None and model_file is not None:
-            num_params = count_parameters(model_file)
+            from espnet_compress.utils.params import count_file_parameters  # torch only when needed
+
+            num_params = count_file_parameters(model_file)
         ckpt_bytes = None if model_file is None else model_file.stat().st_size
         row = SystemRow(spec=spec, num_params=num_params, checkpoint_bytes=ckpt_bytes, size_ratio=None)
         for ts in test_sets:
             hyp_text = Path(spec.decode_dir) / ts / "text"
             row.wer[ts] = score(ref_dir / ts / "text", hyp_text, out_dir / ts / spec.name, name=spec.name)
+            row.speed[ts] = DecodeSpeed.from_decode_dir(Path(spec.decode_dir) / ts)
         rows.append(row)
 
     base_row = next(r for r in rows if r.spec.name == baseline)
