@@ -275,8 +275,10 @@ def build_params(config: Path, model_file: Optional[Path] = None) -> int:
     """Parameters of the model a training config builds (shared blocks counted once)."""
     from espnet2.tasks.asr import ASRTask
 
+    from espnet_compress.utils.params import count_parameters
+
     model, _ = ASRTask.build_model_from_file(config, model_file, "cpu")
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)
 
 
 def fmt_seconds(s: Optional[float]) -> str:
