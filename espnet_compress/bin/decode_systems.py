@@ -107,6 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         atomic_write_text(decode_dir / DECODE_RECORD, json.dumps(record, indent=2) + "\n")
 
     test_sets = decoded_test_sets(args.asr_exp / inference_tag(systems[0]))
+    if not test_sets:
+        print(f"[decode_systems] no <test_set>/text in {args.asr_exp / inference_tag(systems[0])}: the recipe "
+              "command must run asr.sh's stage 12 (e.g. --stage 12 --stop_stage 13)", file=sys.stderr)
+        return 2
     compare = shlex.join(compare_command(args.asr_exp, systems, test_sets, args.inference_asr_model, args.ref_dir))
     atomic_write_text(args.asr_exp / "compare_systems.sh", compare + "\n")
     print(f"[decode_systems] score them all:\n{compare}")
