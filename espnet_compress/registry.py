@@ -19,13 +19,13 @@ from typing import Dict, Optional
 CHOICES: Dict[str, Dict[str, str]] = {
     "encoder_choices": {
         "elastic_conformer": "espnet_compress.encoders.elastic_conformer:ElasticConformerEncoder",
-        "quantized_conformer": "espnet_compress.encoders.quantized_conformer:QuantizedConformerEncoder",
-        "nested_conformer": "espnet_compress.encoders.nested_conformer:NestedConformerEncoder",
-        "foldable_conformer": "espnet_compress.encoders.foldable_conformer:FoldableConformerEncoder",
+        "quantized_conformer": "espnet_compress.encoders.aliases:QuantizedConformerEncoder",
+        "nested_conformer": "espnet_compress.encoders.aliases:NestedConformerEncoder",
+        "foldable_conformer": "espnet_compress.encoders.aliases:FoldableConformerEncoder",
         "elastic_wav2vec2": "espnet_compress.encoders.wav2vec2:ElasticWav2Vec2Encoder",
-        "quantized_wav2vec2": "espnet_compress.encoders.wav2vec2:QuantizedWav2Vec2Encoder",
-        "nested_wav2vec2": "espnet_compress.encoders.wav2vec2:NestedWav2Vec2Encoder",
-        "foldable_wav2vec2": "espnet_compress.encoders.wav2vec2:FoldableWav2Vec2Encoder",
+        "quantized_wav2vec2": "espnet_compress.encoders.aliases:QuantizedWav2Vec2Encoder",
+        "nested_wav2vec2": "espnet_compress.encoders.aliases:NestedWav2Vec2Encoder",
+        "foldable_wav2vec2": "espnet_compress.encoders.aliases:FoldableWav2Vec2Encoder",
     },
     "model_choices": {
         "compressed": "espnet_compress.models.compressed_asr:CompressedASRModel",

@@ -7,7 +7,8 @@ from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
 from espnet_compress.core.fold import FoldError, check_path, default_path, enumerate_paths
 from espnet_compress.core.plan import PlanError
-from espnet_compress.encoders.foldable_conformer import FoldableConformerEncoder
+from espnet_compress.encoders.aliases import FoldableConformerEncoder
+from espnet_compress.env import EnvVarError
 from tests.conftest import tiny_conformer_options
 from tests.test_nested import batch, build
 
@@ -114,7 +115,7 @@ def test_env_plan_picks_depth_at_decode_time(monkeypatch):
     monkeypatch.setenv("ESPNET_COMPRESS_PLAN", '{"depth": 6, "path_index": 0}')
     assert _seed().plan.blocks == (0, 0, 1, 1, 2, 2)
     monkeypatch.setenv("ESPNET_COMPRESS_PLAN", "{depth: 6")
-    with pytest.raises(PlanError, match="not valid JSON"):
+    with pytest.raises(EnvVarError, match="ESPNET_COMPRESS_PLAN: not valid JSON"):
         _seed()
 
 

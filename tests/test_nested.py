@@ -37,13 +37,13 @@ def batch():
 @pytest.mark.parametrize(
     "systems,needle",
     [
-        ({"a": {"blocks": [0, 3]}}, "system 'a': plan 'a': blocks names block 3"),
-        ({"a": {"ffn_units": 96}}, "system 'a': plan 'a': ffn_units 96 is outside 1..48"),
+        ({"a": {"blocks": [0, 3]}}, "model_conf.systems.a: plan 'a': blocks names block 3"),
+        ({"a": {"ffn_units": 96}}, "model_conf.systems.a: plan 'a': ffn_units 96 is outside 1..48"),
         ({"a": {"bits": 7}}, "unsupported bit width 7"),
         ({"a": {"bits": 2}}, "bits 2 for 'embed.out.0' is not among the widths"),
         ({"a": {"decoder_bits": 3}}, "decoder_bits 3 is not among decoder_quant's widths"),
-        ({"a": {"layers": 2}}, "system 'a': unknown field(s) ['layers']"),
-        ({"a": {"depth": 2}}, "need a foldable encoder (foldable_conformer)"),
+        ({"a": {"layers": 2}}, "model_conf.systems.a: unknown field(s) ['layers']"),
+        ({"a": {"depth": 2}}, "['depth'] need the 'fold' feature (encoder_conf.fold)"),
     ],
 )
 def test_bad_system_specs_name_system_and_field(asr_task, tmp_path, systems, needle):
@@ -269,6 +269,6 @@ def test_checkpoint_selection_over_all_systems_is_reported_in_validation(asr_tas
 
 def test_the_active_system_is_logged_at_build(asr_task, tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("ESPNET_COMPRESS_SYSTEM", "shallow")
-    with caplog.at_level("INFO", logger="espnet_compress.models.compressed_asr"):
+    with caplog.at_level("INFO", logger="espnet_compress.models.multi_system"):
         build(asr_task, tmp_path)
     assert "active system 'shallow'" in caplog.text and "'blocks': [0, 2]" in caplog.text

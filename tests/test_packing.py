@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from espnet_compress.encoders.quantized_conformer import QuantizedConformerEncoder
+from espnet_compress.encoders.aliases import QuantizedConformerEncoder
 from espnet_compress.quant.api import QuantConfig, QuantConfigError, quantize_, quantized_modules
 from espnet_compress.quant.bitpack import pack_codes, packed_nbytes, unpack_codes
 from espnet_compress.quant.inference import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from espnet_compress.core.sharing import SharedComputation
-from espnet_compress.encoders.foldable_conformer import FoldableConformerEncoder
+from espnet_compress.encoders.aliases import FoldableConformerEncoder
 from tests.conftest import tiny_conformer_options
 
 

@@ -26,6 +26,7 @@ from torchaudio.models.wav2vec2.components import FeedForward as TorchaudioFeedF
 from espnet_compress.core.norm_stats import BatchMoments, SystemBatchNorm, norms_in, slot_name
 from espnet_compress.core.plan import ExecutionPlan
 from espnet_compress.core.sharing import SharedComputation, precision_signature
+from espnet_compress.env import refuse_in_training
 
 
 def sliced_weight(module: torch.nn.Module, rows: Optional[int] = None, cols: Optional[int] = None) -> torch.Tensor:
@@ -191,6 +192,8 @@ class PlannedBlocks:
     stats_owner: Optional[str] = None
     #: plans that have statistics slots of their own, by name
     stats_plans: Dict[str, ExecutionPlan] = {}
+    #: a decode-only environment variable chose the plan or system (training refuses it)
+    decode_env: bool = False
 
     @classmethod
     def convert(cls, container: torch.nn.Module, plan: ExecutionPlan, layer_drop_rate: float = 0.0):
@@ -199,6 +202,7 @@ class PlannedBlocks:
         container.memo = None
         container.layer_drop_rate = layer_drop_rate
         container.stats_owner, container.stats_plans = None, {}
+        container.decode_env = False
         return container
 
     def physical_blocks(self) -> Iterator[torch.nn.Module]:
@@ -233,6 +237,8 @@ class PlannedBlocks:
         return self.stats_plans.get(plan.name) == plan
 
     def __iter__(self) -> Iterator[_PlannedStep]:
+        if self.training and self.decode_env:
+            refuse_in_training("encoder")
         blocks = list(self._modules.values())
         drop = self.layer_drop_rate if self.training else 0.0
         uses: Dict[int, int] = {}

@@ -9,8 +9,9 @@ switch between them per forward pass without touching the weights.
 from __future__ import annotations
 
 import fnmatch
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 
 class PlanError(ValueError):
@@ -39,6 +40,9 @@ class ExecutionPlan:
     bits: Tuple[Tuple[str, int], ...] = ()
     name: str = "full"
 
+    #: keys of the YAML form (:meth:`from_config` / :meth:`to_config`): the dataclass fields
+    CONFIG_FIELDS: ClassVar[Tuple[str, ...]]
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def full(cls, num_blocks: int, name: str = "full") -> "ExecutionPlan":
@@ -61,7 +65,7 @@ class ExecutionPlan:
             return conf
         if not isinstance(conf, Mapping):
             raise PlanError(f"plan '{name}': expected a mapping, got {type(conf).__name__}")
-        allowed = {"blocks", "ffn_units", "bits", "name"}
+        allowed = set(cls.CONFIG_FIELDS)
         unknown = sorted(set(conf) - allowed)
         if unknown:
             raise PlanError(f"plan '{name}': unknown field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -124,6 +128,8 @@ class ExecutionPlan:
             conf["bits"] = {p: b for p, b in self.bits}
         return conf
 
+
+ExecutionPlan.CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan))
 
 BitsRules = Tuple[Tuple[str, int], ...]
 

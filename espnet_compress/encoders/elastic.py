@@ -6,15 +6,15 @@ narrowed. What a plan may ask (which blocks exist, how wide the FFNs are, which 
 quantizers at which widths), how a plan is switched per forward pass, what a plan costs, and how
 systems share computation in one training step are the same for every host, so they live here
 once; a host class only builds its network and calls :meth:`ElasticEncoder._init_elastic`.
-Configurations (quantized, foldable) are further mixins that hook into ``_prepare`` and
-``_default_plan``.
+Methods are *features* (:mod:`espnet_compress.features`): optional ``encoder_conf`` blocks
+(``quant_conf``, ``fold``, ...) that every host accepts and that compose freely.
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import fnmatch
+import inspect
 import logging
-import os
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -23,13 +23,32 @@ from espnet_compress.core.elastic import ElasticFFN, PlannedBlocks
 from espnet_compress.core.norm_stats import SystemBatchNorm, is_batch_norm, norms_in
 from espnet_compress.core.plan import ExecutionPlan, PlanError
 from espnet_compress.core.sharing import SharedComputation, precision_signature
-from espnet_compress.quant.api import quantized_modules
+from espnet_compress.env import settings
+from espnet_compress.features import FEATURES, EncoderFeature, feature_plan_keys
+from espnet_compress.quant.api import QuantConfig, quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 
 log = logging.getLogger(__name__)
 
 PlanLike = Union[None, Mapping[str, Any], ExecutionPlan]
-ENV_PLAN = "ESPNET_COMPRESS_PLAN"
+#: keys of a plan mapping: the plan's own fields, then the ones features resolve (``depth``, ...)
+PLAN_FIELDS = tuple(f for f in ExecutionPlan.CONFIG_FIELDS) + feature_plan_keys()
+
+
+def pop_features(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Take the feature blocks (``quant_conf``, ``fold``, ...) out of a host's options."""
+    return {key: options.pop(key) for key in list(FEATURES) if key in options}
+
+
+def with_feature_options(cls: type) -> type:
+    """Class decorator (after ``merge_signature``): list every feature block as a keyword option
+    of ``cls``, so ESPnet's ``--print_config`` shows them and unknown options are still refused."""
+    sig = inspect.signature(cls.__init__)
+    params = [p for p in sig.parameters.values()
+              if p.name not in FEATURES and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    extra = [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None) for key in FEATURES]
+    cls.__init__.__signature__ = sig.replace(parameters=params + extra)
+    return cls
 
 
 class ElasticEncoder:
@@ -37,7 +56,7 @@ class ElasticEncoder:
 
     Class attributes a host sets:
         FAMILY: the registered name's suffix (``conformer`` -> ``elastic_conformer``,
-            ``quantized_conformer``, ``foldable_conformer``), used when a system is exported.
+            ``quantized_conformer``, ...), used when a system is exported.
         SHAPE_OPTIONS: the host's own option names for (number of blocks, FFN hidden width), so
             an export can rewrite a config for the blocks and width a system keeps.
         STOCK_ENCODER: the stock ESPnet encoder name a full-precision, uniform system of this
@@ -48,7 +67,9 @@ class ElasticEncoder:
     SHAPE_OPTIONS: Tuple[str, str]
     STOCK_ENCODER: Optional[str] = None
     #: encoder options that describe how the supernet was built, not what a standalone system is
-    BUILD_ONLY_OPTIONS: Tuple[str, ...] = ("plan", "quant_conf", "fold")
+    BUILD_ONLY_OPTIONS: Tuple[str, ...] = ("plan", *FEATURES)
+    #: set by the ``quant_conf`` feature
+    quant_config: Optional[QuantConfig] = None
 
     num_physical_blocks: int
     linear_units: int
@@ -58,9 +79,14 @@ class ElasticEncoder:
     _warned_stats: set
 
     def _init_elastic(self, blocks: torch.nn.Module, container: Type[PlannedBlocks], ffn: Type[ElasticFFN],
-                      linear_units: int, plan: PlanLike, layer_drop_rate: float = 0.0) -> None:
-        """Make the built host elastic: convert its FFNs and block container, then install the
-        default plan (hooks ``_prepare``/``_default_plan`` run in between)."""
+                      linear_units: int, plan: PlanLike, features: Mapping[str, Any],
+                      layer_drop_rate: float = 0.0) -> None:
+        """Make the built host elastic: convert its FFNs, norms and block container, switch the
+        features on (``features``: their ``encoder_conf`` blocks; ``None`` = off), then install the
+        default plan (each feature completes it) and apply ``ESPNET_COMPRESS_PLAN`` if set."""
+        self.features: Dict[str, EncoderFeature] = {
+            key: FEATURES[key](conf, f"encoder_conf.{key}") for key, conf in features.items() if conf is not None
+        }
         self.blocks_name = next(n for n, m in self.named_modules() if m is blocks)
         self.num_physical_blocks = len(blocks)
         self.linear_units = linear_units
@@ -71,19 +97,18 @@ class ElasticEncoder:
         for module in [m for m in blocks.modules() if is_batch_norm(m)]:
             SystemBatchNorm.convert(module)
         container.convert(blocks, ExecutionPlan.full(self.num_physical_blocks), layer_drop_rate)
-        self._prepare()
-        self.default_plan = self.set_plan(self._default_plan(plan))
+        for feature in self.features.values():
+            feature.attach(self)
+        conf = plan.to_config() if isinstance(plan, ExecutionPlan) else (None if plan is None else dict(plan))
+        for feature in self.features.values():
+            conf = feature.default_plan(self, conf)
+        self.default_plan = self.set_plan(conf)
         self.track_norm_stats({self.default_plan.name: self.default_plan}, self.default_plan.name)
         self.apply_env_plan()
 
-    # Hooks for configurations of the core (quantized, foldable, ...): they run inside
-    # _init_elastic, after the host built its blocks and before the default plan is installed.
-    def _prepare(self) -> None:
-        """Attach whatever the configuration adds to the modules (e.g. weight quantizers)."""
-
-    def _default_plan(self, plan: PlanLike) -> PlanLike:
-        """The default plan given the user's ``plan`` option (e.g. add default bit widths)."""
-        return plan
+    def feature(self, key: str) -> Optional[EncoderFeature]:
+        """The active feature of ``encoder_conf.<key>``, or ``None``."""
+        return self.features.get(key)
 
     # ------------------------------------------------------------------ blocks
     @property
@@ -100,26 +125,31 @@ class ElasticEncoder:
     def apply_env_plan(self) -> None:
         """Switch to the plan in ``ESPNET_COMPRESS_PLAN`` if it is set (validated like any plan).
 
-        The environment variable (JSON, e.g. ``'{"blocks": [0, 1, 2]}'`` or, for foldable encoders,
+        The environment variable (JSON, e.g. ``'{"blocks": [0, 1, 2]}'`` or, with ``fold``,
         ``'{"depth": 6}'``) lets stock programs such as ``asr_inference`` choose the plan at decode
-        time without editing the config.
+        time without editing the config; training refuses it (:mod:`espnet_compress.env`).
         """
-        text = os.environ.get(ENV_PLAN)
-        if not text:
-            return
-        try:
-            conf = json.loads(text)
-        except ValueError as err:
-            raise PlanError(f"{ENV_PLAN}: not valid JSON ({err}): {text!r}") from None
-        if not isinstance(conf, dict):
-            raise PlanError(f"{ENV_PLAN}: expected a JSON object such as '{{\"blocks\": [0, 1]}}', got {text!r}")
-        self.set_plan(conf if "name" in conf else dict(conf, name=ENV_PLAN))
+        conf = settings().plan
+        if conf is not None:
+            self.set_plan(conf)
+            self.blocks.decode_env = True
 
     def check_plan(self, plan: PlanLike, name: str = "plan") -> ExecutionPlan:
-        """Validate a plan against this encoder's physical shape (raises :class:`PlanError`)."""
-        if isinstance(plan, Mapping) and ("depth" in plan or "path_index" in plan):
-            raise PlanError(f"plan '{plan.get('name', name)}': 'depth'/'path_index' (unfolding) need a foldable "
-                            f"encoder (foldable_{self.FAMILY}); use 'blocks' to skip or repeat blocks here")
+        """Validate a plan against this encoder's physical shape and features (raises
+        :class:`PlanError` naming the plan and the field)."""
+        if isinstance(plan, Mapping):
+            name = str(plan.get("name", name))
+            unknown = sorted(set(plan) - set(PLAN_FIELDS))
+            if unknown:
+                raise PlanError(f"plan '{name}': unknown field(s) {unknown}; allowed: {list(PLAN_FIELDS)}")
+            for key, cls in FEATURES.items():
+                needs = [k for k in cls.PLAN_KEYS if k in plan]
+                if needs and key not in self.features:
+                    raise PlanError(f"plan '{name}': {needs} need the '{key}' feature (encoder_conf.{key}); "
+                                    f"use 'blocks' to skip or repeat blocks without it")
+            plan = dict(plan)
+            for feature in self.features.values():
+                plan = feature.resolve(self, plan, name)
         plan = ExecutionPlan.from_config(plan, self.num_physical_blocks, name=name)
         plan.validate(self.num_physical_blocks, self.linear_units)
         if plan.ffn_units is not None and not self._elastic_ffn and any(
@@ -135,8 +165,12 @@ class ElasticEncoder:
         if any(b != 0 for _, b in plan.bits) and not quantized:
             raise PlanError(
                 f"plan '{plan.name}': bits are set but this encoder has no quantized weights; "
-                f"use a quantized encoder (quantized_{self.FAMILY}) or attach quantizers first"
+                f"switch the quantization feature on (encoder_conf.quant_conf)"
             )
+        for pattern, nbits in plan.bits:
+            if nbits and quantized and not any(fnmatch.fnmatchcase(n, pattern) for n in quantized):
+                raise PlanError(f"plan '{plan.name}': bits['{pattern}'] matches no quantized module of this "
+                                f"encoder (e.g. '{next(iter(quantized))}')")
         for module_name, module in quantized.items():
             nbits = plan.bits_for(module_name)
             if nbits and nbits not in module.weight_quantizer.bit_choices:
@@ -145,6 +179,8 @@ class ElasticEncoder:
                     f"quantizer was built for {list(module.weight_quantizer.bit_choices)}; add it to "
                     f"quant_conf.bit_choices"
                 )
+        for feature in self.features.values():
+            feature.check(self, plan)
         return plan
 
     @property

@@ -14,18 +14,21 @@ from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
 from espnet_compress.core.elastic import ElasticBlockStack, ElasticFeedForward
 from espnet_compress.core.sharing import SharedComputation
-from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike
+from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike, pop_features, with_feature_options
 from espnet_compress.utils.signature import merge_signature, reject_unknown_options
 
 
+@with_feature_options
 @merge_signature(ConformerEncoder.__init__, skip=("self", "input_size"))
 class ElasticConformerEncoder(ElasticEncoder, ConformerEncoder):
     """Conformer encoder executing an :class:`ExecutionPlan` (block order, FFN widths, bit widths).
 
     Args:
         input_size: input feature dimension (given by ESPnet).
-        plan: the default plan, as a mapping (``blocks``, ``ffn_units``, ``bits``) or a plan object;
-            ``None`` runs every block once at full width, i.e. the stock Conformer.
+        plan: the default plan, as a mapping (``blocks``, ``ffn_units``, ``bits``, and the keys of
+            active features such as ``depth``) or a plan object; ``None`` runs every block once at
+            full width, i.e. the stock Conformer.
+        quant_conf, fold, ...: feature blocks (:mod:`espnet_compress.features`), off when absent.
         **conformer_kwargs: every option of ESPnet's ``ConformerEncoder`` (same names, same
             defaults; ``--print_config`` lists them).
     """
@@ -36,6 +39,7 @@ class ElasticConformerEncoder(ElasticEncoder, ConformerEncoder):
 
     def __init__(self, input_size: int, plan: PlanLike = None, **conformer_kwargs: Any) -> None:
         reject_unknown_options(type(self), conformer_kwargs, "encoder_conf")
+        features = pop_features(conformer_kwargs)
         if conformer_kwargs.get("layer_drop_rate", 0.0):
             # ESPnet's ConformerEncoder accepts the option but its forward iterates the blocks
             # itself, so MultiSequential's layer drop never runs: a stock baseline would train
@@ -47,7 +51,7 @@ class ElasticConformerEncoder(ElasticEncoder, ConformerEncoder):
             )
         super().__init__(input_size, **conformer_kwargs)
         opts = _conformer_defaults() | conformer_kwargs
-        self._init_elastic(self.encoders, ElasticBlockStack, ElasticFeedForward, opts["linear_units"], plan)
+        self._init_elastic(self.encoders, ElasticBlockStack, ElasticFeedForward, opts["linear_units"], plan, features)
 
     @contextlib.contextmanager
     def sharing(self, memo: SharedComputation) -> Iterator[SharedComputation]:

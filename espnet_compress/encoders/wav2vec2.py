@@ -1,11 +1,10 @@
-"""``elastic_wav2vec2`` (+ ``quantized_``, ``nested_``, ``foldable_``): wav2vec2 / HuBERT under a plan.
+"""``elastic_wav2vec2``: wav2vec2 / HuBERT under a plan, with the same features as the Conformer.
 
 wav2vec2 and HuBERT fine-tune the same network (a CNN waveform feature extractor, a projection, a
 convolutional positional embedding and a stack of Transformer layers; torchaudio builds both as
 ``Wav2Vec2Model``), so one host class serves both; only the pretrained weights differ. The
 Transformer layers are the plan's blocks (skip, repeat, narrow their FFNs, set their bits), exactly
-as the Conformer's blocks are: nested, foldable and quantized SSL encoders are the same thin
-configurations as for the Conformer.
+as the Conformer's blocks are, and the same features (``quant_conf``, ``fold``) apply.
 
 Nothing is downloaded: the network is built from the options (torchaudio's names, as in ESPnet's
 ``torchaudio_hubert`` encoder), and ``pretrained_path`` loads weights from a local file holding
@@ -17,18 +16,15 @@ The encoder takes raw 16 kHz waveforms: train with ``input_size: 1`` (no ESPnet 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from espnet2.asr.encoder.abs_encoder import AbsEncoder
 from torchaudio.models import wav2vec2_model
 
 from espnet_compress.core.elastic import ElasticLayerList, ElasticTorchaudioFeedForward
-from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike
-from espnet_compress.encoders.foldable import FoldableEncoder
-from espnet_compress.encoders.nested import NestedEncoder
-from espnet_compress.encoders.quantized import QuantizedEncoder
-from espnet_compress.utils.signature import merge_signature
+from espnet_compress.encoders.elastic import ElasticEncoder, PlanLike, with_feature_options
+from espnet_compress.features import FEATURES
 
 #: torchaudio's (and fairseq's) base architecture: 7 conv layers, 20 ms frames
 BASE_CONV_LAYERS: Tuple[Tuple[int, int, int], ...] = (
@@ -40,6 +36,7 @@ class Wav2Vec2LoadError(ValueError):
     """A pretrained file that is missing or does not fit the configured network."""
 
 
+@with_feature_options
 class ElasticWav2Vec2Encoder(ElasticEncoder, AbsEncoder):
     """wav2vec2/HuBERT encoder (torchaudio's implementation) executing an execution plan.
 
@@ -55,11 +52,14 @@ class ElasticWav2Vec2Encoder(ElasticEncoder, AbsEncoder):
             a foldable seed keeps a few layers of a pretrained model (``[0, 1, 2]`` of 12 ...).
         freeze_feature_extractor: keep the CNN feature extractor fixed (the usual fine-tuning
             recipe; it is also the most expensive part to back-propagate through).
+        quant_conf, fold, ...: feature blocks (:mod:`espnet_compress.features`), off when absent;
+            quantized module names look like ``model.encoder.transformer.layers.3.feed_forward.
+            intermediate_dense``, and ``exclude: ["model.feature_extractor.*"]`` keeps the CNN fp.
     """
 
     FAMILY = "wav2vec2"
     SHAPE_OPTIONS = ("encoder_num_layers", "encoder_ff_interm_features")
-    BUILD_ONLY_OPTIONS = ("plan", "quant_conf", "fold", "pretrained_path", "pretrained_layers")
+    BUILD_ONLY_OPTIONS = (*ElasticEncoder.BUILD_ONLY_OPTIONS, "pretrained_path", "pretrained_layers")
 
     def __init__(
         self,
@@ -83,7 +83,11 @@ class ElasticWav2Vec2Encoder(ElasticEncoder, AbsEncoder):
         pretrained_path: Optional[str] = None,
         pretrained_layers: Optional[Sequence[int]] = None,
         freeze_feature_extractor: bool = True,
+        **features: Any,
     ) -> None:
+        unknown = sorted(set(features) - set(FEATURES))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown encoder_conf option(s) {unknown}")
         super().__init__()
         conv = [tuple(int(v) for v in layer) for layer in (extractor_conv_layer_config or BASE_CONV_LAYERS)]
         if any(len(layer) != 3 for layer in conv):
@@ -112,7 +116,7 @@ class ElasticWav2Vec2Encoder(ElasticEncoder, AbsEncoder):
         self._output_size = encoder_embed_dim
         # layer drop moves from torchaudio's Transformer loop to the plan (per logical step)
         self._init_elastic(self.model.encoder.transformer.layers, ElasticLayerList, ElasticTorchaudioFeedForward,
-                           encoder_ff_interm_features, plan, layer_drop_rate=encoder_layer_drop)
+                           encoder_ff_interm_features, plan, features, layer_drop_rate=encoder_layer_drop)
 
     def output_size(self) -> int:
         return self._output_size
@@ -180,34 +184,3 @@ class ElasticWav2Vec2Encoder(ElasticEncoder, AbsEncoder):
         if not transformer.layer_norm_first:
             x = transformer.layer_norm(x)
         return x, lengths, None
-
-
-@merge_signature(ElasticWav2Vec2Encoder.__init__, skip=("self", "input_size"))
-class QuantizedWav2Vec2Encoder(QuantizedEncoder, ElasticWav2Vec2Encoder):
-    """wav2vec2/HuBERT with quantization-aware weights (``quant_conf`` as for ``quantized_conformer``;
-    module names look like ``model.encoder.transformer.layers.3.feed_forward.intermediate_dense``,
-    and ``exclude: ["model.feature_extractor.*"]`` keeps the CNN in full precision)."""
-
-    def __init__(self, input_size: int = 1, quant_conf: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
-        super().__init__(input_size, quant_conf=quant_conf, **kwargs)
-
-
-@merge_signature(ElasticWav2Vec2Encoder.__init__, skip=("self", "input_size"))
-class NestedWav2Vec2Encoder(NestedEncoder, ElasticWav2Vec2Encoder):
-    """wav2vec2/HuBERT supernet for the all-in-one model: full precision by default, every weight
-    quantizable at any supported width (``quant_conf`` as for ``quantized_wav2vec2``)."""
-
-    def __init__(self, input_size: int = 1, quant_conf: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
-        super().__init__(input_size, quant_conf=quant_conf, **kwargs)
-
-
-@merge_signature(ElasticWav2Vec2Encoder.__init__, skip=("self", "input_size"))
-class FoldableWav2Vec2Encoder(FoldableEncoder, ElasticWav2Vec2Encoder):
-    """wav2vec2/HuBERT whose ``encoder_num_layers`` physical layers unfold to any logical depth
-    (``fold`` as for ``foldable_conformer``): the paper's foldable SSL models keep a few layers of
-    a pretrained model (e.g. ``encoder_num_layers: 3`` loaded from a 12-layer checkpoint's first
-    layers with ``--init_param``) and unfold them to 12."""
-
-    def __init__(self, input_size: int = 1, fold: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
-        super().__init__(input_size, fold=fold, **kwargs)
-

@@ -205,9 +205,7 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
                     mod_name = f"{encoder.block_name(remap[int(m.group(1))])}.{m.group(2)}"
                 rules[mod_name] = bits
             enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel}
-            conf["encoder"] = f"quantized_{encoder.FAMILY}"
-        else:
-            conf["encoder"] = f"elastic_{encoder.FAMILY}"
+        conf["encoder"] = f"elastic_{encoder.FAMILY}"
         enc["plan"] = plan
         conf["model"] = "compressed"
         if spec.decoder_bits:
@@ -249,7 +247,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
         raise ValueError(f"unknown system '{system}'; {train_config} declares {list(model.systems)}")
     raw_conf = yaml.safe_load(train_config.read_text())
     conf, stock = system_config(raw_conf, model, system)
-    quantized = conf["encoder"].startswith("quantized_") or "decoder_quant" in conf["model_conf"]
+    quantized = "quant_conf" in conf["encoder_conf"] or "decoder_quant" in conf["model_conf"]
     state = system_state_dict(model, system)
     encodings = narrowed_encodings(model, system) if quantized else {}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from espnet_compress.core.plan import ExecutionPlan, PlanError
-from espnet_compress.encoders.elastic import ElasticEncoder
+from espnet_compress.encoders.elastic import PLAN_FIELDS, ElasticEncoder
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
 
-SYSTEM_FIELDS = ("blocks", "ffn_units", "bits", "depth", "path_index", "decoder_bits", "weight")
+#: a system spec: any plan field (and the keys the encoder's features resolve), plus the model's own
+SYSTEM_MODEL_FIELDS = ("decoder_bits", "weight")
+SYSTEM_FIELDS = tuple(f for f in PLAN_FIELDS if f != "name") + SYSTEM_MODEL_FIELDS
 #: system names become parts of state-dict keys (per-system norm statistics) and of file names
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -63,7 +65,7 @@ def parse_systems(conf: Mapping[str, Any], encoder: torch.nn.Module,
     systems: Dict[str, SystemSpec] = {}
     for name, spec in conf.items():
         spec = {} if spec is None else spec
-        where = f"system '{name}'"
+        where = f"model_conf.systems.{name}"
         if not _NAME.match(str(name)) or "__use" in str(name):
             raise SystemSpecError(f"model_conf.systems.{name}: a system name may contain only letters, digits, "
                                   f"'_' and '-' (and not '__use'); it names state-dict entries and files")
@@ -72,7 +74,7 @@ def parse_systems(conf: Mapping[str, Any], encoder: torch.nn.Module,
         unknown = sorted(set(spec) - set(SYSTEM_FIELDS))
         if unknown:
             raise SystemSpecError(f"{where}: unknown field(s) {unknown}; allowed: {list(SYSTEM_FIELDS)}")
-        plan_conf = {k: spec[k] for k in ("blocks", "ffn_units", "bits", "depth", "path_index") if k in spec}
+        plan_conf = {k: v for k, v in spec.items() if k not in SYSTEM_MODEL_FIELDS}
         try:
             plan = encoder.check_plan(plan_conf, name=str(name))
         except (PlanError, UnsupportedBitWidth) as err:

@@ -28,8 +28,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from espnet_compress.env import settings
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import pack_codes, packed_nbytes, unpack_codes
+from espnet_compress.quant.inference import freeze_for_inference
 from espnet_compress.quant.quantizers import SUPPORTED_BITS
 from espnet_compress.utils.io import atomic_write_bytes
 
@@ -340,3 +342,41 @@ def size_report(header: Mapping[str, Any]) -> Dict[str, int]:
     for rec in header["tensors"]:
         groups[rec["group"]] = groups.get(rec["group"], 0) + rec["nbytes"]
     return dict(sorted(groups.items()))
+
+
+class PackedLoading:
+    """``load_state_dict`` hooks that let a model take a packed file where a float checkpoint is
+    expected, so stock ``Speech2Text``/``asr_inference`` (which ``torch.load`` the model file and
+    load it with ``strict=False``) decode packed models unchanged.
+
+    Before the load, the packed state is verified (:func:`unpack_state_dict`), checked against the
+    model (:func:`check_against_model`; a silent partial load would decode with random weights,
+    a width mismatch with weights the file never held) and expanded to float tensors. After it,
+    every quantized layer is frozen to compute with the file's codes and scales, on the CPU kernel
+    ``ESPNET_COMPRESS_KERNEL`` names (:mod:`espnet_compress.env`). ``fillable``: substrings of
+    state-dict keys the model fills in itself when a file lacks them.
+    """
+
+    def __init__(self, model: torch.nn.Module, fillable: Tuple[str, ...] = ()) -> None:
+        self.model, self.fillable = model, fillable
+        self.pending: Optional[PackedState] = None
+        model._register_load_state_dict_pre_hook(self.unpack, with_module=False)
+        model.register_load_state_dict_post_hook(self.freeze)
+
+    def unpack(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        if prefix or not is_packed(state_dict):
+            return
+        source = loading_source()
+        packed = unpack_state_dict(state_dict, source)
+        check_against_model(packed, self.model, source, fillable=self.fillable)
+        state_dict.clear()
+        state_dict.update(packed.tensors)
+        self.pending = packed
+
+    def freeze(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
+        if self.pending is None:
+            return
+        encodings = {k: (codes, scale) for k, (codes, scale, _) in self.pending.encodings.items()}
+        self.model.inference_paths = freeze_for_inference(self.model, settings().kernel, encodings)
+        self.pending = None
+        log.info("loaded packed checkpoint; quantized layers frozen for inference")
