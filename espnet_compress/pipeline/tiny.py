@@ -13,6 +13,7 @@ utterance by utterance. A second, identical training used to double the job's le
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -186,15 +187,15 @@ def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
         plan.append(PlannedStage(f"train:{system.name}", exp.train, _training_seconds(exp, counts["train"])))
         if system.packed:
             packed_dir = exp.exp_dir / "packed"
-            plan.append(PlannedStage(f"export_packed:{system.name}", _bind(_export_packed, exp, packed_dir),
-                                     PROGRAM_START_SECONDS))
+            export = functools.partial(_export_packed, exp, packed_dir)
+            plan.append(PlannedStage(f"export_packed:{system.name}", export, PROGRAM_START_SECONDS))
             exp = dataclasses.replace(exp, exp_dir=packed_dir, inference_model=PACKED_NAME)
         plan.append(PlannedStage(f"decode:{system.name}", exp.decode, decode_seconds))
         decoded[system.name] = exp
         for reloaded in (r for r in cfg.reloaded if r.source == system.name):
             twin = dataclasses.replace(exp, exp_dir=out / f"asr_{reloaded.name}")
-            plan.append(PlannedStage(f"reload:{reloaded.name}", _bind(_reload, experiments[system.name], twin,
-                                                                       reloaded.encoder), 1.0))
+            reload = functools.partial(_reload, experiments[system.name], twin, reloaded.encoder)
+            plan.append(PlannedStage(f"reload:{reloaded.name}", reload, 1.0))
             plan.append(PlannedStage(f"decode:{reloaded.name}", twin.decode, decode_seconds))
             decoded[reloaded.name] = twin
     specs = [SystemSpec(name=n, decode_dir=decoded[n].decode_dir(),
@@ -245,11 +246,6 @@ def _table_order(cfg: TinyRunConfig) -> List[str]:
     return order
 
 
-def _bind(fn: Callable[..., bool], *args) -> Callable[[], bool]:
-    """A stage body with its arguments fixed (a named function, unlike a lambda in a loop)."""
-    return lambda: fn(*args)
-
-
 def _training_seconds(exp: AsrExperiment, num_train: int) -> float:
     """Expected training time: epochs (the config's, or ``--max_epoch`` among the extra arguments)
     times training utterances at the measured rate; an upper bound when early stopping is on."""
@@ -262,15 +258,17 @@ def _training_seconds(exp: AsrExperiment, num_train: int) -> float:
 
 
 def _run_plan(plan: Sequence[PlannedStage], out: Path) -> List[Stage]:
-    """Run the stages in order, logging the expected total first and ``stage i/N`` progress."""
-    total = sum(p.expected_seconds for p in plan)
-    log.info("main job in %s: %d stages, expected about %s on a 2-core CPU for a fresh run "
-             "(finished stages are skipped on a rerun)", out, len(plan), _minutes(total))
+    """Run the stages in order, logging the expected total first and ``stage i/N`` progress with
+    the elapsed time and the expected time left (finished stages are skipped in seconds, so on a
+    rerun the time left drops as they pass)."""
+    log.info("main job in %s: %d stages, expected about %s for a fresh run on a 2-core CPU "
+             "(stages whose outputs exist are skipped)", out, len(plan), _minutes(sum(p.expected_seconds for p in plan)))
     start = time.perf_counter()
     stages: List[Stage] = []
     for i, planned in enumerate(plan, start=1):
-        log.info("stage %d/%d %s: starting (expected %s; elapsed %s of about %s)", i, len(plan), planned.name,
-                 _minutes(planned.expected_seconds), _minutes(time.perf_counter() - start), _minutes(total))
+        left = sum(p.expected_seconds for p in plan[i - 1:])
+        log.info("stage %d/%d %s: starting (expected %s; elapsed %s, about %s left)", i, len(plan), planned.name,
+                 _minutes(planned.expected_seconds), _minutes(time.perf_counter() - start), _minutes(left))
         stages.append(timed(planned.name, planned.run))
     log.info("all %d stages finished in %s", len(plan), _minutes(time.perf_counter() - start))
     return stages
@@ -398,7 +396,8 @@ def _report(cfg: TinyRunConfig, corpus: Optional[UserCorpus], stages: Sequence[S
             *[f"| {i.name} | `{i.encoder}` | {i.source} | {i.utterances} | {i.same_hypotheses} | "
               f"{i.max_score_difference:.3g} | {'identical' if i.identical else 'DIFFERENT'} |" for i in identities],
             "",
-            "Scores: the beam-search score of the best hypothesis (`1best_recog/score` of `asr_inference`).",
+            "Scores: the beam-search score of the best hypothesis, as `asr_inference` writes it "
+            "(`1best_recog/score`, 4 decimals).",
             "",
         ]
     lines += [
