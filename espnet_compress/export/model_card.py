@@ -55,13 +55,15 @@ def write_model_card(compare_dir: PathLike, system: str, zip_file: PathLike, out
     row, baseline = rows[system], rows[report["baseline"]]
     conf, model_member = _check_zip(zip_file, row)
     out = card_path(zip_file) if out is None else Path(out)
-    text = render(report, row, baseline, conf, zip_file, model_member, _commands(row, compare_dir, command))
+    record = read_record(Path(row["model_file"]).parent)
+    text = render(report, row, baseline, conf, zip_file, model_member, _commands(row, compare_dir, command), record)
     atomic_write_text(out, text)
     return out
 
 
 def render(report: Mapping[str, Any], row: Mapping[str, Any], baseline: Mapping[str, Any], conf: Mapping[str, Any],
-           zip_file: Path, model_member: str, commands: List[Tuple[str, str]]) -> str:
+           zip_file: Path, model_member: str, commands: List[Tuple[str, str]],
+           record: Optional[Mapping[str, Any]] = None) -> str:
     """The card's Markdown (separate from file handling so its content is easy to check)."""
     name, test_sets = row["name"], report["test_sets"]
     lines = [
@@ -80,7 +82,7 @@ def render(report: Mapping[str, Any], row: Mapping[str, Any], baseline: Mapping[
         "### System",
         "",
         "```yaml",
-        yaml.safe_dump(system_spec(conf, name), sort_keys=False).rstrip(),
+        yaml.safe_dump(system_spec(conf, name, record), sort_keys=False).rstrip(),
         "```",
         "",
         f"### Results (from `compare.json`, baseline `{report['baseline']}`)",
@@ -141,18 +143,37 @@ def render(report: Mapping[str, Any], row: Mapping[str, Any], baseline: Mapping[
     return "\n".join(lines)
 
 
-def system_spec(conf: Mapping[str, Any], name: str) -> Dict[str, Any]:
-    """What ``name`` computes: its entry of ``model_conf.systems`` (a system of a multi-system
-    model), else the plan/fold/quantization options of a standalone model."""
+def system_spec(conf: Mapping[str, Any], name: str, record: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """What the system computes: its entry of ``model_conf.systems`` (in the model's own config, or,
+    for an exported system, in the config of the model it was exported from), then the plan, fold
+    and quantization options of the config in the zip (per-module bit rules counted per width)."""
     spec: Dict[str, Any] = {"system": name, "encoder": conf.get("encoder")}
     systems = (conf.get("model_conf") or {}).get("systems") or {}
     if name in systems:
         spec["spec"] = systems[name] or {}
+    elif record and record.get("system"):
+        source = Path(record["source_asr_exp"]) / "config.yaml"
+        source_conf = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else {}
+        source_systems = (source_conf.get("model_conf") or {}).get("systems") or {}
+        spec["exported_from"] = {"asr_exp": record["source_asr_exp"], "system": record["system"],
+                                 "spec": source_systems.get(record["system"])}
     for section, key in _SPEC_KEYS:
         value = (conf.get(section) or {}).get(key)
         if value is not None:
-            spec[key] = value
+            spec[key] = _summarise_bits(value) if key == "quant_conf" else value
     return spec
+
+
+def _summarise_bits(quant_conf: Mapping[str, Any]) -> Dict[str, Any]:
+    """``quant_conf`` with a per-module ``bits`` table shown as modules per width (the full table
+    is in the training config at the end of the card)."""
+    bits = quant_conf.get("bits")
+    if not isinstance(bits, Mapping):
+        return dict(quant_conf)
+    widths: Dict[str, int] = {}
+    for value in bits.values():
+        widths[f"{value}-bit modules"] = widths.get(f"{value}-bit modules", 0) + 1
+    return {**quant_conf, "bits": widths}
 
 
 def _check_zip(zip_file: Path, row: Mapping[str, Any]) -> Tuple[Dict[str, Any], str]:
