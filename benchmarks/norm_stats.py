@@ -56,6 +56,7 @@ from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 log = logging.getLogger("norm_stats")
 FOLDABLE_CONFIG = REPO / "conf" / "spoken_commands" / "train_asr_foldable_conformer_tiny.yaml"
 SHARED_SUFFIX = ".sharedbn"
+MODELS = ("nested", "foldable_joint_kl")
 
 
 def shared_statistics(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -76,6 +77,8 @@ def shared_statistics(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="which trained models to measure (run one process per model to train them in parallel)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     clean_environment()
@@ -89,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   train_config=FOLDABLE_CONFIG, train_args=train_args), FOLDABLE_CONFIG),
     }
     rows = []
-    for model_name, (exp, config) in models.items():
+    for model_name, (exp, config) in ((m, models[m]) for m in args.models):
         record = timed_train(model_name, exp, args.max_epoch)
         own_file = exp.exp_dir / exp.inference_model
         shared_name = Path(exp.inference_model).stem + SHARED_SUFFIX + ".pth"

@@ -240,6 +240,7 @@ class MultiSystemMixin:
                 total = total + self.systems[name].weight * loss + self.kl_weight * kl
                 stats[f"kl_{name}"] = kl.detach()
         self.last_step_sharing = (memo.hits, memo.misses)
+        self._captured = {}  # holds graph tensors: only the step itself needs them (and a copy of the model fails on them)
         accs = [stats[f"acc_{n}"] for n in names]
         if len(names) == len(self.systems) and all(a is not None for a in accs):
             # checkpoint selection over every system (``--best_model_criterion valid acc_mean max``)
