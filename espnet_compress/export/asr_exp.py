@@ -44,10 +44,6 @@ class ExpPacked:
     inference_asr_model: str  # the value of asr.sh's --inference_asr_model
     export: ExportResult
 
-    @property
-    def packed_file(self) -> Path:
-        return self.asr_exp / self.inference_asr_model
-
 
 def check_asr_exp(asr_exp: PathLike, model_name: str) -> Path:
     """The checkpoint ``asr_exp/model_name``, after checking everything stage 14 will need from
