@@ -28,11 +28,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from espnet_compress.env import SYSTEM as SYSTEM_ENV  # read by the model at build time
 from espnet_compress.export.asr_exp import DEFAULT_MODEL, declared_systems
 from espnet_compress.utils.io import atomic_write_text
 
-#: The environment variable the ``compressed`` model reads at build time.
-SYSTEM_ENV = "ESPNET_COMPRESS_SYSTEM"
 #: The file each decode dir receives.
 DECODE_RECORD = "decode_systems.json"
 
