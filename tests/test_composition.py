@@ -174,3 +174,11 @@ def test_the_composed_model_lists_its_features_and_checks_paths(composed):
     assert set(model.encoder.features) == {"quant_conf", "fold"}
     with pytest.raises(PlanError, match=r"path_index 9 is out of range: depth 4 has 1 paths"):
         model.encoder.set_plan({"depth": 4, "path_index": 9})
+
+
+def test_a_system_variable_on_a_single_system_model_is_an_error(asr_task, tmp_path, monkeypatch):
+    monkeypatch.setenv("ESPNET_COMPRESS_SYSTEM", "depth9")
+    with pytest.raises(SystemSpecError, match="ESPNET_COMPRESS_SYSTEM=depth9 is set but this model declares no "
+                                              "model_conf.systems"):
+        build(asr_task, tmp_path, encoder="elastic_conformer", enc=tiny_conformer_options(), systems=None,
+              decoder_quant=None)

@@ -27,6 +27,7 @@ from espnet_compress.env import settings
 from espnet_compress.features import FEATURES, EncoderFeature, feature_plan_keys
 from espnet_compress.quant.api import QuantConfig, quantized_modules
 from espnet_compress.quant.quantizers import UnsupportedBitWidth, check_bits
+from espnet_compress.utils.params import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,9 @@ class ElasticEncoder:
         return quantized_modules(self)
 
     def physical_parameters(self) -> int:
-        """Parameters stored for this encoder, independent of the plan (shared blocks count once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters stored for this encoder, independent of the plan (shared blocks count once;
+        the project's one counting rule, :mod:`espnet_compress.utils.params`)."""
+        return count_parameters(self)
 
     def executed_weight_bits(self, plan: ExecutionPlan) -> int:
         """Weight bits the blocks execute under ``plan`` (every step counts, FFNs at their active

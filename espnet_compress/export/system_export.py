@@ -38,6 +38,7 @@ from espnet_compress.models.compressed_asr import multi_system_options
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.quantizers import LearnedScaleQuantizer
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
+from espnet_compress.utils.params import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
         buf = io.BytesIO()
         torch.save(standalone.state_dict(), buf)
         atomic_write_bytes(model_path, buf.getvalue())
-    n = sum(p.numel() for p in standalone.parameters())
+    n = count_parameters(standalone)
     log.info("exported system '%s' (%s, %d parameters) to %s", system, "stock" if stock else conf["encoder"], n, out_dir)
     return SystemExport(system, config_path, model_path, stock, quantized, n)
 

@@ -40,6 +40,9 @@ class MultiSystemMixin:
         if systems is None:
             if largest or decode_system:
                 raise SystemSpecError("model_conf.largest/decode_system need model_conf.systems")
+            if settings().system:
+                raise SystemSpecError(f"ESPNET_COMPRESS_SYSTEM={settings().system} is set but this model declares no "
+                                      f"model_conf.systems; unset it (a single-system model has one decode)")
             return
         self.systems = parse_systems(systems, self.encoder, self.decoder)
         self.largest = largest if largest is not None else next(iter(self.systems))
