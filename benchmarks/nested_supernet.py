@@ -51,6 +51,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from espnet_compress.env import DECODE_ONLY  # noqa: E402
 from espnet_compress.pipeline.data import SYNTHETIC_DATA, resolve_corpus  # noqa: E402
 from espnet_compress.pipeline.stages import (  # noqa: E402
     AsrExperiment,
@@ -66,7 +67,6 @@ log = logging.getLogger("benchmark")
 BASELINE_CONFIG = CONF_DIR / "train_asr_conformer_tiny.yaml"
 DECODE_CONFIG = CONF_DIR / "decode_asr.yaml"
 #: Environment variables that choose what a stock program runs; never inherited by training.
-PLUGIN_ENV = ("ESPNET_COMPRESS_SYSTEM", "ESPNET_COMPRESS_PLAN")
 #: Sections a derived tiny config may change; everything else must equal the baseline's.
 MAY_DIFFER = {"encoder", "encoder_conf", "model", "model_conf"}
 TIME_FILE = "benchmark_train_time.json"
@@ -94,7 +94,7 @@ def add_common_args(p: argparse.ArgumentParser, default_exp: str = "exp/tiny") -
 
 def clean_environment() -> None:
     """Trainings must not see a decode-time system/plan choice."""
-    for var in PLUGIN_ENV:
+    for var in DECODE_ONLY:
         if os.environ.pop(var, None) is not None:
             log.warning("ignoring %s from the environment (the benchmark sets it per decode)", var)
 
