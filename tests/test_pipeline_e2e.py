@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from espnet_compress.pipeline.tiny import CONF_DIR, ReloadedSystem, TinyRunConfig, TinySystem, run_tiny
