@@ -117,8 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append({"model": model_name, "system": system, "wer_own": base.wer["test"].wer,
                          "wer_shared": other.wer["test"].wer, "verdict": verdict_text(sig),
                          "p_value": None if sig is None else sig.p_value,
-                         "trained": f"{yaml.safe_load((exp.exp_dir / 'config.yaml').read_text())['max_epoch']} epochs, "
-                                    f"{record.cpu_seconds or 0:.0f} s CPU"})
+                         "trained": f"{yaml.safe_load((exp.exp_dir / 'config.yaml').read_text())['max_epoch']} epochs"
+                                    + (f", {record.cpu_seconds:.0f} s CPU" if record.cpu_seconds else "")
+                                    + (" (CPU of the resumed part only)" if "resumed" in record.source else "")})
     lines = ["# Per-system vs shared batch-norm statistics", "",
              "One trained checkpoint per model, decoded per system with its own statistics and with the mean of all "
              "systems' statistics (MAPSSWE: shared vs own; 'worse' = shared statistics significantly worse).", "",
