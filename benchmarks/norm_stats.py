@@ -20,7 +20,8 @@ Usage::
 
     nice -n 19 .venv/bin/python benchmarks/norm_stats.py --exp_dir exp/tiny
 
-Outputs ``<exp_dir>/benchmarks/norm_stats.{md,json}``.
+Outputs ``<exp_dir>/benchmarks/norm_stats_<models>.{md,json}`` (one pair per set of ``--models``, so
+models trained for different epochs are run one at a time).
 """
 from __future__ import annotations
 
@@ -129,8 +130,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines.append(f"| {r['model']} | {r['trained']} | {r['system']} | {r['wer_own']:.2f}% | {r['wer_shared']:.2f}% "
                      f"| {r['verdict']} |")
     out = exp_dir / "benchmarks"
-    atomic_write_text(out / "norm_stats.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "norm_stats.json", json.dumps(rows, indent=2) + "\n")
+    stem = "norm_stats" + "".join(f"_{m}" for m in args.models)
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
     print("\n".join(lines))
     return 0
 
