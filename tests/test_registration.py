@@ -16,6 +16,7 @@ def test_print_config_lists_elastic_encoder_options():
     assert conf["encoder"] == "elastic_conformer"
     # ESPnet's Conformer options are listed with their defaults, plus our plan.
     assert conf["encoder_conf"]["plan"] is None
+    assert conf["encoder_conf"]["quant_conf"] is None and conf["encoder_conf"]["fold"] is None  # features, off
     assert conf["encoder_conf"]["num_blocks"] == 6 and conf["encoder_conf"]["linear_units"] == 2048
 
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PlanLike = Union[None, Mapping[str, Any], ExecutionPlan]
 #: keys of a plan mapping: the plan's own fields, then the ones features resolve (``depth``, ...)
-PLAN_FIELDS = tuple(f for f in ExecutionPlan.CONFIG_FIELDS) + feature_plan_keys()
+PLAN_FIELDS = ExecutionPlan.CONFIG_FIELDS + feature_plan_keys()
 
 
 def pop_features(options: Dict[str, Any]) -> Dict[str, Any]:
