@@ -36,6 +36,23 @@ def test_every_stage_logs_its_number_and_the_elapsed_time(caplog: pytest.LogCapt
     assert messages[-1].startswith("all 2 stages finished in")
 
 
+def test_an_interrupted_job_keeps_the_times_of_the_stages_it_finished(tmp_path: Path) -> None:
+    """stages.json is written after every stage; a rerun that skips a stage keeps its first time."""
+    import json
+
+    def crash() -> bool:
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        tiny._run_plan([PlannedStage("data", lambda: True, 1.0), PlannedStage("train", crash, 1.0)], tmp_path)
+    first = {s["name"]: s for s in json.loads((tmp_path / "stages.json").read_text())}
+    assert list(first) == ["data"] and not first["data"]["skipped"]
+    tiny._run_plan([PlannedStage("data", lambda: False, 1.0), PlannedStage("train", lambda: True, 1.0)], tmp_path)
+    again = {s["name"]: s for s in json.loads((tmp_path / "stages.json").read_text())}
+    assert again["data"]["seconds"] == first["data"]["seconds"] and not again["data"]["skipped"]
+    assert set(again) == {"data", "train"}
+
+
 def test_training_estimate_follows_the_epochs_actually_asked_for(tmp_path: Path) -> None:
     exp = AsrExperiment(data_dir=tmp_path, train_set="train", valid_set="dev", test_sets=["test"],
                         token_list=tmp_path / "t", stats_dir=tmp_path / "s", exp_dir=tmp_path / "e",

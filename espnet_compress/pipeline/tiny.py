@@ -215,7 +215,6 @@ def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
     stages = _with_previous_timings(stages, out / "stages.json")
     packed_reports = [out / f"asr_{s.name}" / "packed" / "size_report.json" for s in cfg.systems if s.packed]
     atomic_write_text(out / "report.md", _report(cfg, corpus, stages, table, identities, packed_reports))
-    atomic_write_text(out / "stages.json", json.dumps([dataclasses.asdict(s) for s in stages], indent=2) + "\n")
     return table
 
 
@@ -270,6 +269,8 @@ def _run_plan(plan: Sequence[PlannedStage], out: Path) -> List[Stage]:
         log.info("stage %d/%d %s: starting (expected %s; elapsed %s, about %s left)", i, len(plan), planned.name,
                  _minutes(planned.expected_seconds), _minutes(time.perf_counter() - start), _minutes(left))
         stages.append(timed(planned.name, planned.run))
+        # after every stage, so an interrupted job keeps the wall times of what it finished
+        _save_timings(stages, out / "stages.json")
     log.info("all %d stages finished in %s", len(plan), _minutes(time.perf_counter() - start))
     return stages
 
@@ -339,6 +340,14 @@ def _decoded(exp: AsrExperiment, field: str) -> Dict[str, str]:
             key, _, value = line.partition(" ")
             values[key] = value.strip()
     return values
+
+
+def _save_timings(stages: List[Stage], path: Path) -> None:
+    """Merge the stages run so far into ``stages.json`` (a skipped stage keeps its earlier time)."""
+    merged = {s["name"]: s for s in json.loads(path.read_text())} if path.exists() else {}
+    for stage in _with_previous_timings(stages, path):
+        merged[stage.name] = dataclasses.asdict(stage)
+    atomic_write_text(path, json.dumps(list(merged.values()), indent=2) + "\n")
 
 
 def _with_previous_timings(stages: List[Stage], previous: Path) -> List[Stage]:
