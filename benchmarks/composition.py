@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from nested_supernet import (  # noqa: E402
     BASELINE_CONFIG,
     add_common_args,
-    clean_environment,
+    begin,
     find_baseline,
     plot_setup,
     prepare_corpus,
@@ -57,11 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    clean_environment()
+    train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
     bench = exp_dir / "benchmarks" / "composition"
-    train_args = list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
     template = prepare_corpus(args)
     composed = dataclasses.replace(template, exp_dir=bench / "asr_composed", train_config=COMPOSED_CONFIG,
                                    train_args=train_args)

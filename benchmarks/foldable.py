@@ -59,7 +59,7 @@ from nested_supernet import (  # noqa: E402
     add_common_args,
     build_params,
     check_mirrors_baseline,
-    clean_environment,
+    begin,
     find_baseline,
     fmt_seconds,
     plot_setup,
@@ -151,12 +151,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max_paths", type=int, default=None,
                    help="decode at most this many (evenly spread) paths per depth; default: all")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    clean_environment()
+    train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
     bench = exp_dir / "benchmarks" / "foldable"
     out = exp_dir / "benchmarks"
-    train_args = list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
     drift = {s.config.name: check_mirrors_baseline(s.config) for s in SYSTEMS}
     drift = {k: v for k, v in drift.items() if v}
     if drift:

@@ -99,6 +99,14 @@ def clean_environment() -> None:
             log.warning("ignoring %s from the environment (the benchmark sets it per decode)", var)
 
 
+def begin(args: argparse.Namespace) -> List[str]:
+    """Start a training benchmark: log to the console, clear the decode-only variables, and return
+    the extra ``asr_train`` arguments every training of the run gets (``--train_arg``, ``--max_epoch``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    clean_environment()
+    return list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
+
+
 @contextlib.contextmanager
 def environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables for the body (stock programs inherit ``os.environ``)."""
@@ -376,13 +384,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", args.tag):
         p.error(f"--tag must be letters, digits, '_' or '-', got {args.tag!r}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    clean_environment()
+    train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
     bench = exp_dir / "benchmarks" / "nested_supernet"
     out = exp_dir / "benchmarks"
     suffix = f"_{args.tag}" if args.tag else ""
-    train_args = list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
 
     drift = {c.name: check_mirrors_baseline(c) for c in [args.config, *(cfg for _, cfg in TWINS.values())]}
     drift = {k: v for k, v in drift.items() if v}

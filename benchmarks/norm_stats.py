@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from nested_supernet import (  # noqa: E402
     NESTED_CONFIG,
     add_common_args,
-    clean_environment,
+    begin,
     prepare_corpus,
     tagged,
     timed_train,
@@ -81,10 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                    help="which trained models to measure (run one process per model to train them in parallel)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    clean_environment()
+    train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
-    train_args = list(args.train_args) + ([] if args.max_epoch is None else ["--max_epoch", str(args.max_epoch)])
     template = prepare_corpus(args)
     models = {
         "nested": (dataclasses.replace(template, exp_dir=exp_dir / "benchmarks" / "nested_supernet" / "asr_nested",

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import os
 import sys
 from types import ModuleType
 from typing import Optional, Sequence
+
+from espnet_compress.env import hook_disabled
 
 TARGET = "espnet2.tasks.asr"
 
@@ -55,7 +56,7 @@ class _AsrTaskFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Install the finder once (idempotent); if ESPnet's ASR task is already imported, register now."""
-    if os.environ.get("ESPNET_COMPRESS_NO_HOOK"):
+    if hook_disabled():
         return
     if any(isinstance(f, _AsrTaskFinder) for f in sys.meta_path):
         return

@@ -16,6 +16,7 @@ from espnet_compress.models.systems import SystemSpecError
 from espnet_compress.quant.quantizers import MaxScaleQuantizer
 from tests.conftest import tiny_conformer_options
 from tests.test_nested import batch, build
+from tests.test_system_export import save_trained
 
 #: a 2-block seed unfolded to depth 4, every weight quantizable at 4 bits
 SEED = dict(tiny_conformer_options(num_blocks=2), fold={"depth": 4}, quant_conf={"bits": 0, "bit_choices": [4]})
@@ -26,21 +27,9 @@ SYSTEMS = {"deep": {"depth": 4}, "deep4": {"depth": 4, "bits": 4, "decoder_bits"
 @pytest.fixture(scope="module")
 def composed(asr_task, tmp_path_factory):
     """The composed model after one SGD step, saved like an ESPnet exp dir."""
-    from tests.test_registration import _build_args
-
     tmp = tmp_path_factory.mktemp("composed")
-    conf = {"decoder_quant": {"bits": 0, "bit_choices": [4]}, "systems": SYSTEMS}
-    model = build(asr_task, tmp, encoder="elastic_conformer", enc=dict(SEED), **conf)
-    model.train()
-    loss, _, _ = model(**batch())
-    loss.backward()
-    torch.optim.SGD(model.parameters(), lr=0.05).step()
-    model.eval()
-    args = _build_args(asr_task, tmp, dict(SEED))
-    args.encoder, args.model = "elastic_conformer", "compressed"
-    args.model_conf = dict(conf, ctc_weight=0.3)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
-    torch.save(model.state_dict(), tmp / "model.pth")
+    model = save_trained(asr_task, tmp, "elastic_conformer", SEED, lr=0.05, systems=SYSTEMS,
+                         decoder_quant={"bits": 0, "bit_choices": [4]})
     return model, tmp
 
 

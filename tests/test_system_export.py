@@ -12,6 +12,25 @@ from tests.test_nested import ENC, SYSTEMS, batch, build
 pytestmark = pytest.mark.slow
 
 
+def save_trained(asr_task, tmp, encoder: str, enc: dict, lr: float = 0.01, **model_conf):
+    """Build a ``compressed`` model, take one SGD step and save it like ESPnet's exp dir
+    (``config.yaml`` holding exactly the options it was built with, ``model.pth``)."""
+    from tests.test_registration import _build_args
+
+    model_conf = {"ctc_weight": 0.3, "decoder_quant": {"bits": 0, "bit_choices": [4, 8]}, **model_conf}
+    model = build(asr_task, tmp, encoder=encoder, enc=dict(enc), **model_conf)
+    model.train()
+    loss, _, _ = model(**batch())
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    model.eval()
+    args = _build_args(asr_task, tmp, dict(enc))
+    args.encoder, args.model, args.model_conf = encoder, "compressed", model_conf
+    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    torch.save(model.state_dict(), tmp / "model.pth")
+    return model
+
+
 @pytest.fixture(scope="module")
 def trained(asr_task, tmp_path_factory):
     """A multi-system model after one optimizer step, saved like ESPnet's exp dir."""
@@ -19,21 +38,7 @@ def trained(asr_task, tmp_path_factory):
     systems = dict(SYSTEMS, mixed={"blocks": [0, 0, 2], "ffn_units": [48, 24, 24]}, tail={"blocks": [1, 2], "ffn_units": 24},
                    mixed4={"blocks": [0, 2], "ffn_units": [48, 24], "bits": 4, "decoder_bits": 4},
                    twice4={"blocks": [0, 0], "ffn_units": [48, 24], "bits": 4})
-    model = build(asr_task, tmp, systems=systems)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loss, _, _ = model(**batch())
-    loss.backward()
-    opt.step()
-    model.eval()
-    from tests.test_registration import _build_args
-
-    args = _build_args(asr_task, tmp, dict(ENC))
-    args.encoder, args.model = "quantized_conformer", "compressed"
-    args.model_conf = {"ctc_weight": 0.3, "decoder_quant": {"bits": 0, "bit_choices": [4, 8]}, "systems": systems}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
-    torch.save(model.state_dict(), tmp / "model.pth")
-    return model, tmp
+    return save_trained(asr_task, tmp, "quantized_conformer", ENC, systems=systems), tmp
 
 
 def _encode(model, name=None):
@@ -94,22 +99,10 @@ def test_export_rejects_unknown_system(trained, tmp_path):
 def foldable(asr_task, tmp_path_factory):
     """A jointly trained (one step) 2-block foldable seed, saved like ESPnet's exp dir."""
     from tests.test_foldable import FOLD_ENC
-    from tests.test_registration import _build_args
 
     tmp = tmp_path_factory.mktemp("fold")
     systems = {"unfolded": {"depth": 4}, "seed": {"depth": 2, "weight": 0.25}}
-    model = build(asr_task, tmp, encoder="foldable_conformer", enc=FOLD_ENC, systems=systems, decoder_quant=None)
-    model.train()
-    loss, _, _ = model(**batch())
-    loss.backward()
-    torch.optim.SGD(model.parameters(), lr=0.01).step()
-    model.eval()
-    args = _build_args(asr_task, tmp, dict(FOLD_ENC))
-    args.encoder, args.model = "foldable_conformer", "compressed"
-    args.model_conf = {"ctc_weight": 0.3, "systems": systems}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
-    torch.save(model.state_dict(), tmp / "model.pth")
-    return model, tmp
+    return save_trained(asr_task, tmp, "foldable_conformer", FOLD_ENC, systems=systems, decoder_quant=None), tmp
 
 
 def test_foldable_seed_exports_at_any_depth_and_path(foldable, tmp_path):

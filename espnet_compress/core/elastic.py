@@ -133,17 +133,17 @@ class _PlannedStep:
     system already ran the same block, at the same width and precision, on the same input; the
     batch moments of its norms are then replayed into this system's slots)."""
 
-    __slots__ = ("index", "block", "units", "memo", "slot")
+    __slots__ = ("index", "block", "units", "memo", "norms", "slot")
 
     def __init__(self, index: int, block: torch.nn.Module, units: Optional[int],
-                 memo: Optional[SharedComputation], slot: Optional[str]) -> None:
-        self.index, self.block, self.units, self.memo, self.slot = index, block, units, memo, slot
+                 memo: Optional[SharedComputation], norms: List[SystemBatchNorm], slot: Optional[str]) -> None:
+        self.index, self.block, self.units, self.memo, self.norms, self.slot = index, block, units, memo, norms, slot
 
     def _ffns(self) -> Iterator[ElasticFFN]:
         return (m for m in self.block.children() if isinstance(m, ElasticFFN))
 
     def __call__(self, *args: Any) -> Any:
-        norms = norms_in(self.block)
+        norms = self.norms
         for norm in norms:
             norm.slot = self.slot
         if self.memo is None:
@@ -194,6 +194,8 @@ class PlannedBlocks:
     stats_plans: Dict[str, ExecutionPlan] = {}
     #: a decode-only environment variable chose the plan or system (training refuses it)
     decode_env: bool = False
+    #: the norms of each physical block (per-system statistics)
+    block_norms: List[List[SystemBatchNorm]]
 
     @classmethod
     def convert(cls, container: torch.nn.Module, plan: ExecutionPlan, layer_drop_rate: float = 0.0):
@@ -203,6 +205,8 @@ class PlannedBlocks:
         container.layer_drop_rate = layer_drop_rate
         container.stats_owner, container.stats_plans = None, {}
         container.decode_env = False
+        # looked up once: every step selects their statistics slot
+        container.block_norms = [norms_in(block) for block in container.physical_blocks()]
         return container
 
     def physical_blocks(self) -> Iterator[torch.nn.Module]:
@@ -212,11 +216,10 @@ class PlannedBlocks:
     def track_norm_stats(self, plans: Dict[str, ExecutionPlan], owner: str) -> None:
         """Give every (plan, use of a block) its own norm statistics; ``owner``'s first use of each
         block keeps the norms' own buffers. Slots no plan needs any more are dropped."""
-        blocks = list(self.physical_blocks())
-        for index, block in enumerate(blocks):
+        for index, norms in enumerate(self.block_norms):
             names = [slot_name(name, use) for name, plan in plans.items()
                      for use in range(plan.blocks.count(index)) if (name, use) != (owner, 0)]
-            for norm in norms_in(block):
+            for norm in norms:
                 norm.set_slots(names)
         self.stats_owner, self.stats_plans = owner, dict(plans)
 
@@ -241,15 +244,13 @@ class PlannedBlocks:
             refuse_in_training("encoder")
         blocks = list(self._modules.values())
         drop = self.layer_drop_rate if self.training else 0.0
-        uses: Dict[int, int] = {}
-        for step, idx in enumerate(self.plan.blocks):
-            use = uses.get(idx, 0)
-            uses[idx] = use + 1
+        for step, (idx, use) in enumerate(zip(self.plan.blocks, self.plan.uses())):
             if drop > 0.0 and float(torch.rand(())) <= drop:
                 continue
             units = None if self.plan.ffn_units is None else self.plan.ffn_units[step]
-            slot = self.stats_slot(self.plan, idx, use) if norms_in(blocks[idx]) else None
-            yield _PlannedStep(idx, blocks[idx], units, self.memo, slot)
+            norms = self.block_norms[idx]
+            slot = self.stats_slot(self.plan, idx, use) if norms else None
+            yield _PlannedStep(idx, blocks[idx], units, self.memo, norms, slot)
 
 
 class ElasticBlockStack(PlannedBlocks, MultiSequential):

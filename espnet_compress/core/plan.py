@@ -87,6 +87,10 @@ class ExecutionPlan:
         """Number of logical steps (executed blocks)."""
         return len(self.blocks)
 
+    def uses(self) -> Tuple[int, ...]:
+        """For each logical step, how often its block ran at earlier steps (0 = its first use)."""
+        return tuple(self.blocks[:step].count(b) for step, b in enumerate(self.blocks))
+
     def units_at(self, step: int, full_units: int) -> int:
         """Active FFN width at a logical step."""
         return full_units if self.ffn_units is None else self.ffn_units[step]

@@ -107,10 +107,6 @@ class ElasticEncoder:
         self.track_norm_stats({self.default_plan.name: self.default_plan}, self.default_plan.name)
         self.apply_env_plan()
 
-    def feature(self, key: str) -> Optional[EncoderFeature]:
-        """The active feature of ``encoder_conf.<key>``, or ``None``."""
-        return self.features.get(key)
-
     # ------------------------------------------------------------------ blocks
     @property
     def blocks(self) -> PlannedBlocks:

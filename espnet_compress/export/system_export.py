@@ -26,13 +26,13 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import yaml
 
 from espnet_compress.core.elastic import ElasticFFN
-from espnet_compress.core.norm_stats import SLOT_CONTAINER, norms_in, slot_name
+from espnet_compress.core.norm_stats import SLOT_CONTAINER, SystemBatchNorm, slot_name
 from espnet_compress.encoders.elastic import ElasticEncoder
 from espnet_compress.models.compressed_asr import multi_system_options
 from espnet_compress.quant.api import quantized_modules
@@ -82,16 +82,6 @@ def _layout(model: torch.nn.Module, name: str) -> Tuple[List[int], Dict[int, int
     return kept, remap, [remap[b] for b in spec.plan.blocks], widths
 
 
-def _uses(plan_blocks: Sequence[int]) -> List[int]:
-    """For each logical step, how often its block ran before (0 = first use)."""
-    seen: Dict[int, int] = {}
-    out = []
-    for b in plan_blocks:
-        out.append(seen.get(b, 0))
-        seen[b] = out[-1] + 1
-    return out
-
-
 def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tensor]:
     """The system's weights under standalone names (renumbered blocks, FFNs cut to the widest
     width the plan uses: ESPnet's Conformer gives every block the same ``linear_units``), and
@@ -117,10 +107,10 @@ def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tens
         out[f"encoder.{encoder.blocks_name}.{remap[old]}.{rest}"] = value.clone()
     plan = model.systems[name].plan
     blocks = list(encoder.blocks.physical_blocks())
-    for b, use in zip(plan.blocks, _uses(plan.blocks)):
+    for b, use in zip(plan.blocks, plan.uses()):
         source_slot = encoder.blocks.stats_slot(plan, b, use)
         target_prefix = f"encoder.{encoder.blocks_name}.{remap[b]}."
-        for norm_name, norm in ((n, m) for n, m in blocks[b].named_modules() if m in norms_in(blocks[b])):
+        for norm_name, norm in ((n, m) for n, m in blocks[b].named_modules() if isinstance(m, SystemBatchNorm)):
             source = norm if source_slot is None else norm.slots[source_slot]
             target = norm_name + ("." if use == 0 else f".{SLOT_CONTAINER}.{slot_name(name, use)}.")
             for buf in ("running_mean", "running_var", "num_batches_tracked"):

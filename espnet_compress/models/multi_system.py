@@ -18,7 +18,7 @@ from espnet2.asr.espnet_model import ESPnetASRModel, autocast, autocast_type
 from espnet2.torch_utils.device_funcs import force_gatherable
 
 from espnet_compress.core.sharing import SharedComputation
-from espnet_compress.env import refuse_in_training, settings
+from espnet_compress.env import settings
 from espnet_compress.models.systems import SystemSampler, SystemSpec, SystemSpecError, parse_systems
 from espnet_compress.quant.api import set_bits
 
@@ -30,7 +30,6 @@ class MultiSystemMixin:
     Options are documented on :class:`~espnet_compress.models.compressed_asr.CompressedASRModel`."""
 
     KL_TARGETS = ("decoder", "ctc", "both")
-    _trained_once = False
 
     def _setup_systems(self, systems: Optional[Mapping[str, Any]], largest: Optional[str], kl_weight: float,
                        kl_target: str, sampling: str, num_random: int, seed: int,
@@ -40,8 +39,9 @@ class MultiSystemMixin:
         if systems is None:
             if largest or decode_system:
                 raise SystemSpecError("model_conf.largest/decode_system need model_conf.systems")
-            if settings().system:
-                raise SystemSpecError(f"ESPNET_COMPRESS_SYSTEM={settings().system} is set but this model declares no "
+            env_system = settings().system
+            if env_system:
+                raise SystemSpecError(f"ESPNET_COMPRESS_SYSTEM={env_system} is set but this model declares no "
                                       f"model_conf.systems; unset it (a single-system model has one decode)")
             return
         self.systems = parse_systems(systems, self.encoder, self.decoder)
@@ -205,9 +205,6 @@ class MultiSystemMixin:
         layer and any plan prefix two systems have in common are computed once as well (see
         :mod:`espnet_compress.core.sharing`), which is where one pass saves over separate runs.
         """
-        if self.training and not self._trained_once:
-            refuse_in_training("model")
-            self._trained_once = True
         names = self.sampler.draw(int(self.num_steps)) if self.training else list(self.systems)
         if self.training:
             self.num_steps += 1
