@@ -22,6 +22,7 @@ CHOICES: Dict[str, Dict[str, str]] = {
         "quantized_conformer": "espnet_compress.encoders.aliases:QuantizedConformerEncoder",
         "nested_conformer": "espnet_compress.encoders.aliases:NestedConformerEncoder",
         "foldable_conformer": "espnet_compress.encoders.aliases:FoldableConformerEncoder",
+        "searchable_conformer": "espnet_compress.encoders.aliases:SearchableConformerEncoder",
         "elastic_wav2vec2": "espnet_compress.encoders.wav2vec2:ElasticWav2Vec2Encoder",
         "quantized_wav2vec2": "espnet_compress.encoders.aliases:QuantizedWav2Vec2Encoder",
         "nested_wav2vec2": "espnet_compress.encoders.aliases:NestedWav2Vec2Encoder",

@@ -236,6 +236,18 @@ class ElasticEncoder:
             return fn(*args)
         return self._input_memo(("input", tuple(precision_signature(m) for m in modules)), fn, *args)
 
+    def feature_loss_terms(self, model: torch.nn.Module) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+        """The features' terms for the training loss (summed; ``None`` if none) and their stats,
+        after a forward of ``model`` (see :meth:`EncoderFeature.loss_terms`)."""
+        total: Optional[torch.Tensor] = None
+        stats: Dict[str, Any] = {}
+        for feature in self.features.values():
+            term, more = feature.loss_terms(self, model)
+            stats.update(more)
+            if term is not None:
+                total = term if total is None else total + term
+        return total, stats
+
     # ------------------------------------------------------------------ weights and cost
     def quantizable_modules(self) -> Dict[str, torch.nn.Module]:
         """Modules whose weight precision a plan can set (they carry a quantizer), by name."""

@@ -14,11 +14,13 @@ from typing import Dict, Tuple, Type
 from espnet_compress.features.base import EncoderFeature
 from espnet_compress.features.fold import FoldFeature
 from espnet_compress.features.quantize import QuantizeFeature
+from espnet_compress.features.search import SearchFeature
 
 #: ``encoder_conf`` key -> feature class, in the order their hooks run
 FEATURES: Dict[str, Type[EncoderFeature]] = {
     QuantizeFeature.KEY: QuantizeFeature,
     FoldFeature.KEY: FoldFeature,
+    SearchFeature.KEY: SearchFeature,
 }
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
+import torch
+
 from espnet_compress.core.plan import ExecutionPlan
 
 if TYPE_CHECKING:  # the encoder imports the features, not the other way round
@@ -18,7 +20,9 @@ class EncoderFeature:
     * :meth:`attach`: after the host network is built and made elastic (e.g. add quantizers);
     * :meth:`default_plan`: complete the user's default plan (e.g. the default bits, the depth);
     * :meth:`resolve`: turn the feature's own plan keys (``PLAN_KEYS``) into plan fields;
-    * :meth:`check`: reject a resolved plan that breaks the feature's rule (message names it).
+    * :meth:`check`: reject a resolved plan that breaks the feature's rule (message names it);
+    * :meth:`loss_terms`: after each forward of the model, a term to add to the loss and stats to log
+      (e.g. the search's complexity penalty).
     """
 
     KEY: str
@@ -42,3 +46,8 @@ class EncoderFeature:
 
     def check(self, encoder: "ElasticEncoder", plan: ExecutionPlan) -> None:
         """Raise :class:`~espnet_compress.core.plan.PlanError` for a plan the feature forbids."""
+
+    def loss_terms(self, encoder: "ElasticEncoder", model: torch.nn.Module) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+        """(term added to the training loss or ``None``, stats for ESPnet's reporter) after a forward
+        of ``model`` (the ESPnet model holding ``encoder``)."""
+        return None, {}

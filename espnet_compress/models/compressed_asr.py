@@ -10,12 +10,14 @@ The thin ESPnet-facing class; each job lives next to what it is about:
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from espnet2.asr.espnet_model import ESPnetASRModel
+from espnet2.torch_utils.device_funcs import force_gatherable
 
 from espnet_compress.core.norm_stats import SLOT_CONTAINER
+from espnet_compress.features.search import search_feature
 from espnet_compress.models.multi_system import MultiSystemMixin, multi_system_options
 from espnet_compress.models.systems import SystemSpecError
 from espnet_compress.quant.api import QuantConfig, quantize_
@@ -73,11 +75,29 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
         self.share_computation = share_computation
         self._setup_systems(systems, largest, kl_weight, kl_target, sampling, num_random_systems,
                             sampling_seed, decode_system)
+        if self.systems and search_feature(self.encoder) is not None:
+            raise SystemSpecError("model_conf.systems cannot be combined with encoder_conf.search: the search "
+                                  "trains one supernet; derive its architecture, then train systems of that")
         self.packed_loading = PackedLoading(self, fillable=(f".{SLOT_CONTAINER}.", "num_steps"))
 
     def forward(self, speech: torch.Tensor, speech_lengths: torch.Tensor, text: torch.Tensor,
                 text_lengths: torch.Tensor, **kwargs: Any):
         """ESPnet's forward for one system; all active systems in one step when there are several."""
         if not self.systems:
-            return super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
-        return self.multi_system_forward(speech, speech_lengths, text, text_lengths, **kwargs)
+            loss, stats, weight = super().forward(speech, speech_lengths, text, text_lengths, **kwargs)
+        else:
+            loss, stats, weight = self.multi_system_forward(speech, speech_lengths, text, text_lengths, **kwargs)
+        return self._add_feature_terms(loss, stats, weight)
+
+    def _add_feature_terms(self, loss: torch.Tensor, stats: Dict[str, Any], weight: torch.Tensor):
+        """Add the encoder features' loss terms (the search's complexity penalty, eq. 4 of the
+        lossless-4bit paper) to the loss, and their stats to ESPnet's; ``stats["loss"]`` stays the
+        ASR loss, the returned loss is what trains."""
+        terms = getattr(self.encoder, "feature_loss_terms", None)
+        if terms is None:
+            return loss, stats, weight
+        term, extra = terms(self)
+        if term is not None:
+            loss = loss + term
+        stats.update(force_gatherable(extra, loss.device))
+        return loss, stats, weight

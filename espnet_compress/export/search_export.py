@@ -1,0 +1,143 @@
+"""Derive the searched architecture from a DARTS supernet (``encoder_conf.search``) as a plain model.
+
+The argmax of every FFN's ``alpha`` is written as a config whose ``encoder_conf.search.fixed`` holds
+the per-block widths and bottlenecks (ESPnet's ``ConformerEncoder`` has one ``linear_units`` for all
+blocks, so per-block and per-FFN sizes need the plugin's encoder), plus the supernet's weights cut
+to those sizes (the first units of every nested candidate): a checkpoint for
+``asr_train --init_param`` fine-tuning or for decoding as it is. A uniform, unfactorised answer
+(every FFN at one width) is a stock ``conformer`` with ``linear_units`` = that width, which loads
+without this plugin.
+
+The derived model computes exactly what the supernet computes with one-hot architecture weights
+at the pick; :func:`derive_search` checks it on a random input before writing the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import yaml
+
+from espnet_compress.features.search import SearchFeature, search_feature
+from espnet_compress.models.compressed_asr import multi_system_options
+from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
+from espnet_compress.utils.params import count_parameters
+
+log = logging.getLogger(__name__)
+
+#: what derive_search records next to the model
+RECORD = "derive.json"
+#: largest |supernet - derived| encoder output difference accepted by the self-check
+TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedModel:
+    """What :func:`derive_search` wrote."""
+
+    config: Path
+    model_file: Path
+    stock: bool  # a stock ESPnet conformer (loads without espnet_compress)
+    architecture: Dict[str, Dict[str, list]]
+    num_params: int
+    supernet_params: int
+    max_abs_diff: float
+
+
+def derived_config(train_config: Mapping[str, Any], feature: SearchFeature, encoder: torch.nn.Module,
+                   architecture: Mapping[str, Mapping[str, list]]) -> Tuple[Dict[str, Any], bool]:
+    """The supernet's training config rewritten for the derived model; second value: stock or not.
+
+    Stage options (``freeze_param``, ``init_param``, the search's stage/held-out/penalty) are dropped:
+    the derived model trains like any model.
+    """
+    conf = copy.deepcopy(dict(train_config))
+    for key in ("freeze_param", "init_param"):
+        conf.pop(key, None)
+    enc = conf.setdefault("encoder_conf", {})
+    widths = {w for per_block in architecture["width"].values() for w in per_block}
+    factorised = "rank" in architecture
+    others = [k for k in encoder.BUILD_ONLY_OPTIONS if k in enc and k != SearchFeature.KEY]
+    model_conf = conf.get("model_conf", {}) or {}
+    stock = (len(widths) == 1 and not factorised and not others and encoder.STOCK_ENCODER is not None
+             and "decoder_quant" not in model_conf)
+    enc.pop(SearchFeature.KEY, None)
+    if stock:
+        conf["encoder"] = encoder.STOCK_ENCODER
+        enc[encoder.SHAPE_OPTIONS[1]] = next(iter(widths))
+        dropped = set(multi_system_options())
+        conf["model"] = "espnet"
+        conf["model_conf"] = {k: v for k, v in model_conf.items() if k not in dropped}
+        return conf, True
+    search: Dict[str, Any] = {"fixed": {k: {n: list(v) for n, v in per.items()} for k, per in architecture.items()}}
+    if factorised:
+        search["semi_orthogonal"] = feature.semi_orthogonal
+        search["orthogonal_every"] = feature.orthogonal_every
+    enc[SearchFeature.KEY] = search
+    conf["encoder"] = f"elastic_{encoder.FAMILY}"
+    return conf, False
+
+
+def derive_search(train_config: Union[str, Path], model_file: Union[str, Path], out_dir: Union[str, Path],
+                  pick: Optional[Mapping[str, Mapping[str, int]]] = None) -> DerivedModel:
+    """Write ``out_dir/config.yaml``, ``out_dir/model.pth`` and ``out_dir/derive.json`` for the argmax
+    architecture of the supernet (or ``pick``: candidate indices per FFN key, as
+    :meth:`SearchFeature.pick` returns them)."""
+    from espnet2.tasks.asr import ASRTask
+
+    train_config, out_dir = Path(train_config), Path(out_dir)
+    model, _ = ASRTask.build_model_from_file(train_config, model_file, "cpu")
+    feature = search_feature(model.encoder)
+    if feature is None or not feature.searching:
+        raise ValueError(f"{train_config}: the encoder has no encoder_conf.search with candidates; nothing to derive")
+    pick = feature.pick() if pick is None else pick
+    architecture = feature.architecture(pick)
+    raw = yaml.safe_load(train_config.read_text())
+    conf, stock = derived_config(raw, feature, model.encoder, architecture)
+    state = feature.derived_state(model.state_dict(), model.encoder, pick)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.yaml"
+    atomic_write_text(config_path, yaml.safe_dump(conf, sort_keys=False))
+    derived, _ = ASRTask.build_model_from_file(config_path, None, "cpu")
+    derived.load_state_dict(state, strict=True)
+    diff = _max_encoder_diff(model, derived, feature, pick, raw)
+    if diff > TOLERANCE:
+        raise RuntimeError(f"derived model differs from the supernet at its pick by {diff:.3g} (internal error)")
+    buf = io.BytesIO()
+    torch.save(derived.state_dict(), buf)
+    model_path = out_dir / "model.pth"
+    atomic_write_bytes(model_path, buf.getvalue())
+    result = DerivedModel(config_path, model_path, stock, architecture, count_parameters(derived),
+                          count_parameters(model), diff)
+    record = {"source_config": str(train_config), "source_model": str(model_file), "stock": stock,
+              "architecture": architecture, "num_params": result.num_params,
+              "supernet_params": result.supernet_params, "max_abs_diff": diff,
+              "pick": {k: dict(v) for k, v in pick.items()}}
+    atomic_write_text(out_dir / RECORD, json.dumps(record, indent=2) + "\n")
+    log.info("derived %s (%d parameters, supernet %d) into %s", "stock conformer" if stock else conf["encoder"],
+             result.num_params, result.supernet_params, out_dir)
+    return result
+
+
+@torch.no_grad()
+def _max_encoder_diff(supernet: torch.nn.Module, derived: torch.nn.Module, feature: SearchFeature,
+                      pick: Mapping[str, Mapping[str, int]], conf: Mapping[str, Any]) -> float:
+    """Largest |difference| of the encoder outputs on one random input, supernet pinned to ``pick``."""
+    supernet.eval()
+    derived.eval()
+    gen = torch.Generator().manual_seed(0)
+    if supernet.frontend is None:
+        speech = torch.randn(1, 64, int(conf.get("input_size") or 80), generator=gen)
+        lengths = torch.tensor([64])
+    else:
+        speech, lengths = torch.randn(1, 16000, generator=gen), torch.tensor([16000])
+    with feature.pinned(pick):
+        a, _ = supernet.encode(speech, lengths)
+    b, _ = derived.encode(speech, lengths)
+    return float((a - b).abs().max())

@@ -1,0 +1,366 @@
+"""DARTS search over FFN widths and low-rank bottlenecks (``encoder_conf.search``): the mixture, the
+penalty, the pipelined stages, the semi-orthogonal update, derivation and export, bad input."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytest
+import torch
+import yaml
+
+from espnet_compress.core.lowrank import LowRankLinear, semi_orthogonal_init_, semi_orthogonal_step_, semi_orthogonality_error
+from espnet_compress.core.plan import PlanError
+from espnet_compress.encoders.aliases import SearchableConformerEncoder
+from espnet_compress.encoders.elastic_conformer import ElasticConformerEncoder
+from espnet_compress.export.search_export import derive_search
+from espnet_compress.features.search import HELD_OUT_MARKER, SearchConfigError, search_feature
+from espnet_compress.models.systems import SystemSpecError
+from espnet_compress.pipeline.search import split_held_out
+from tests.conftest import tiny_conformer_options
+from tests.test_nested import batch
+from tests.test_registration import _build_args
+
+#: d 32, FFN 48, 3 blocks; input 20-dim features
+ENC = tiny_conformer_options()
+WIDTHS = {"widths": [16, 32, 48]}
+RANKS = {"ranks": [4, 8, 16]}
+BOTH = {**WIDTHS, **RANKS}
+ARCH_FROZEN_PREFIXES = ("encoder.embed", "encoder.encoders", "encoder.after_norm", "decoder", "ctc")
+
+
+def encoder(search: Dict[str, Any], **enc: Any) -> ElasticConformerEncoder:
+    torch.manual_seed(0)
+    return ElasticConformerEncoder(20, **{**ENC, **enc}, search=search)
+
+
+def randomise_alpha(feature, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in feature.arch.alpha.values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 2)
+
+
+def model(asr_task, tmp: Path, search: Dict[str, Any], encoder_name: str = "elastic_conformer",
+          model_name: str = "compressed", **model_conf: Any):
+    args = _build_args(asr_task, tmp, {**ENC, "search": search})
+    args.encoder, args.model, args.model_conf = encoder_name, model_name, {"ctc_weight": 0.3, **model_conf}
+    torch.manual_seed(0)
+    return asr_task.ASRTask.build_model(args), args
+
+
+def freeze(net: torch.nn.Module, prefixes) -> None:
+    """ESPnet's --freeze_param."""
+    for name, p in net.named_parameters():
+        if any(name == t or name.startswith(t + ".") for t in prefixes):
+            p.requires_grad = False
+
+
+def held_out_dir(tmp: Path) -> Path:
+    d = tmp / "heldout"
+    d.mkdir(exist_ok=True)
+    (d / HELD_OUT_MARKER).write_text("{}\n")
+    return d
+
+
+def x_and_lengths():
+    torch.manual_seed(3)
+    return torch.randn(2, 40, 20), torch.tensor([40, 31])
+
+
+# ------------------------------------------------------------------ the mixture
+@pytest.mark.parametrize("method", ["gumbel", "softmax"])
+def test_architecture_weights_sum_to_one_and_masks_are_nested(method):
+    search = dict(BOTH, method=method) if method == "softmax" else dict(BOTH)
+    feature = search_feature(encoder(search))
+    randomise_alpha(feature)
+    for key in feature.choices:
+        for kind in ("width", "rank"):
+            assert torch.isclose(feature.probabilities(key, kind).sum(), torch.tensor(1.0))
+            for training in (True, False):
+                lam = feature._weights(key, kind, training)
+                assert torch.isclose(lam.sum(), torch.tensor(1.0)) and (lam >= 0).all()
+        for mask in feature.masks(key, training=True):
+            assert float(mask[0].detach()) == pytest.approx(1.0)  # every candidate keeps the first unit
+            assert (mask[1:] <= mask[:-1] + 1e-6).all()  # unit j: weight of the candidates wider than j
+
+
+def test_width_mixture_is_the_weighted_sum_of_the_candidate_ffns():
+    """Eq. (2) exactly, at the cost of one FFN: sum_i lambda_i FFN_{w_i}(x) computed by slicing."""
+    enc = encoder(dict(WIDTHS, method="softmax")).eval()
+    feature = search_feature(enc)
+    randomise_alpha(feature)
+    ffn = enc.encoders[1].feed_forward
+    x = torch.randn(5, 32)
+    lam = feature.probabilities("b1_ff", "width")
+    expected = sum(l * (torch.nn.functional.linear(ffn.activation(torch.nn.functional.linear(
+        x, ffn.w_1.weight[:w], ffn.w_1.bias[:w])), ffn.w_2.weight[:, :w], ffn.w_2.bias))
+        for l, w in zip(lam, feature.choices["b1_ff"].widths))
+    torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("search", [WIDTHS, RANKS, BOTH], ids=["width", "rank", "both"])
+def test_one_hot_mixture_equals_the_derived_model(search):
+    """The supernet with one-hot weights at a pick computes what the derived model (each FFN built
+    at its picked width/bottleneck, weights cut from the supernet) computes."""
+    sup = encoder(dict(search)).eval()
+    feature = search_feature(sup)
+    randomise_alpha(feature)
+    pick = feature.pick()
+    derived = encoder({"fixed": feature.architecture(pick)}).eval()
+    derived.load_state_dict(feature.derived_state(sup.state_dict(), sup, pick, prefix=""), strict=True)
+    x, lengths = x_and_lengths()
+    with torch.no_grad(), feature.pinned(pick):
+        want = sup(x, lengths)[0]
+    torch.testing.assert_close(derived(x, lengths)[0], want, rtol=1e-5, atol=1e-5)
+    sizes = feature.sizes(pick)
+    assert len({w for w, _ in sizes.values()}) > 1 or search is RANKS  # random alpha picks differ per FFN
+    # the derived model holds only the picked sizes
+    ffn = derived.encoders[0].feed_forward_macaron
+    w, r = sizes["b0_ffm"]
+    assert ffn.full_units == w and (r is None or ffn.w_1.rank == r)
+    assert sum(p.numel() for p in derived.parameters()) < sum(
+        p.numel() for n, p in sup.named_parameters() if not n.startswith("architecture."))
+
+
+def test_eval_drops_the_noise_and_training_samples_it():
+    feature = search_feature(encoder(dict(WIDTHS)))
+    randomise_alpha(feature)
+    a = feature._weights("b0_ff", "width", training=False)
+    torch.testing.assert_close(a, torch.softmax(feature.arch.alpha["b0_ff_width"] / feature.temperature_now(), 0))
+    torch.manual_seed(0)
+    b = feature._weights("b0_ff", "width", training=True)
+    assert not torch.allclose(a, b)
+
+
+# ------------------------------------------------------------------ penalty and stages
+def test_penalty_gradient_reaches_alpha_and_only_alpha_in_stage_2(asr_task, tmp_path):
+    search = dict(BOTH, eta=5.0, stage="arch", held_out=str(held_out_dir(tmp_path)))
+    net, _ = model(asr_task, tmp_path, search)
+    freeze(net, ARCH_FROZEN_PREFIXES)
+    feature = search_feature(net.encoder)
+    # the penalty alone: d/d alpha_i of eta E[C] = eta p_i (C_i - E[C]): narrow candidates gain
+    penalty = feature.penalty()
+    penalty.backward()
+    g = feature.arch.alpha["b0_ff_width"].grad
+    assert g is not None and g[0] < 0 < g[-1]  # descent raises the narrowest's logit, lowers the widest's
+    net.zero_grad()
+    net.train()
+    loss, stats, _ = net(**batch())
+    loss.backward()
+    for name, p in net.named_parameters():
+        if name.startswith("encoder.architecture."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert float(stats["search_penalty"]) == pytest.approx(float(penalty), rel=1e-5)
+    assert float(loss) == pytest.approx(float(stats["loss"]) + float(penalty), rel=1e-5)
+    assert int(feature.arch.arch_steps) == 1  # stage-2 steps drive the temperature
+
+
+def test_stats_show_alpha_temperature_and_pick(asr_task, tmp_path):
+    net, _ = model(asr_task, tmp_path, dict(WIDTHS, eta=1.0))
+    net.eval()
+    with torch.no_grad():
+        _, stats, _ = net(**batch())
+    assert {"search_penalty", "search_temperature", "search_ffn_params_expected", "search_ffn_params_pick",
+            "search_b0_ffm_width", "alpha_b0_ffm_w16", "alpha_b2_ff_w48"} <= set(stats)
+    probs = sum(float(stats[f"alpha_b1_ff_w{w}"]) for w in (16, 32, 48))
+    assert probs == pytest.approx(1.0)
+    assert all(v.numel() == 1 for v in stats.values())  # ESPnet's reporter takes scalars
+
+
+def test_temperature_anneals_over_stage_2_steps():
+    feature = search_feature(encoder(dict(WIDTHS, temperature={"initial": 2.0, "final": 0.5, "anneal_steps": 10})))
+    assert feature.temperature_now() == pytest.approx(2.0)
+    feature.arch.arch_steps.fill_(5)
+    assert feature.temperature_now() == pytest.approx(1.0)
+    feature.arch.arch_steps.fill_(50)
+    assert feature.temperature_now() == pytest.approx(0.5)
+
+
+def test_target_ratio_penalises_only_the_size_above_the_target():
+    feature = search_feature(encoder(dict(WIDTHS, eta=1.0, target_ratio=0.9)))
+    assert float(feature.penalty()) == 0.0  # uniform alpha: expected size 2/3 of the largest
+    feature = search_feature(encoder(dict(WIDTHS, eta=1.0, target_ratio=0.5)))
+    assert float(feature.penalty()) > 0.0
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("arch_unfrozen", "encoder_conf.search.stage: arch (stage 2) updates only alpha"),
+    ("weights_alpha_trains", "encoder_conf.search.stage: weights (stage 1)"),
+    ("no_marker", "encoder_conf.search.held_out"),
+])
+def test_pipelined_stages_are_checked_on_the_first_training_step(asr_task, tmp_path, case, needle):
+    if case == "weights_alpha_trains":
+        net, _ = model(asr_task, tmp_path, dict(WIDTHS))
+    else:
+        held = held_out_dir(tmp_path) if case == "arch_unfrozen" else tmp_path / "not_a_split"
+        net, _ = model(asr_task, tmp_path, dict(WIDTHS, stage="arch", held_out=str(held)))
+        if case == "no_marker":
+            freeze(net, ARCH_FROZEN_PREFIXES)
+    net.train()
+    with pytest.raises(SearchConfigError, match=re.escape(needle)):
+        net(**batch())
+
+
+def test_a_model_that_drops_the_penalty_is_refused(asr_task, tmp_path):
+    net, _ = model(asr_task, tmp_path, dict(WIDTHS), model_name="espnet")
+    freeze(net, ["encoder.architecture"])
+    net.train()
+    net(**batch())
+    with pytest.raises(RuntimeError, match="needs 'model: compressed'"):
+        net(**batch())
+
+
+# ------------------------------------------------------------------ semi-orthogonal factors
+def test_semi_orthogonal_update_keeps_b_bt_close_to_identity():
+    torch.manual_seed(0)
+    for shape in ((16, 48), (48, 16)):  # wide (B, projection) and tall (A, affine part)
+        w = semi_orthogonal_init_(torch.empty(shape))
+        assert semi_orthogonality_error(w) < 1e-4
+        w += 0.05 * torch.randn(shape)  # SGD moved it off the constraint
+        start = semi_orthogonality_error(w)
+        for _ in range(8):
+            semi_orthogonal_step_(w)
+        assert semi_orthogonality_error(w) < 1e-4 < start
+        for _ in range(50):  # interleaved with updates, it stays near the constraint
+            w += 0.002 * torch.randn(shape)
+            semi_orthogonal_step_(w)
+        assert semi_orthogonality_error(w) < 0.02
+
+
+def test_slls_factors_are_constrained_during_training():
+    enc = encoder(dict(RANKS, orthogonal_every=1)).train()
+    feature = search_feature(enc)
+    ffn = enc.encoders[0].feed_forward
+    assert isinstance(ffn.w_1, LowRankLinear)
+    constrained = {id(p) for p in feature.constrained_factors(enc)}
+    assert id(ffn.w_1.proj.weight) in constrained and id(ffn.w_2.affine.weight) in constrained  # S..S
+    assert id(ffn.w_1.affine.weight) not in constrained and id(ffn.w_2.proj.weight) not in constrained  # .LL.
+    with torch.no_grad():
+        ffn.w_1.proj.weight.add_(0.05 * torch.randn_like(ffn.w_1.proj.weight))
+    before = semi_orthogonality_error(ffn.w_1.proj.weight)
+    x, lengths = x_and_lengths()
+    for _ in range(4):
+        enc(x, lengths)
+        feature._pending = False  # the model would add the penalty here
+    assert semi_orthogonality_error(ffn.w_1.proj.weight) < before / 10
+
+
+# ------------------------------------------------------------------ derive and export
+def _save(net, args, tmp: Path) -> Path:
+    (tmp / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    torch.save(net.state_dict(), tmp / "model.pth")
+    return tmp / "config.yaml"
+
+
+@pytest.mark.parametrize("search", [WIDTHS, BOTH], ids=["width", "both"])
+def test_exported_derived_model_equals_the_supernet_under_its_pick(asr_task, tmp_path, search):
+    from espnet2.tasks.asr import ASRTask
+
+    net, args = model(asr_task, tmp_path, dict(search, eta=1.0))
+    feature = search_feature(net.encoder)
+    randomise_alpha(feature)
+    config = _save(net, args, tmp_path)
+    out = derive_search(config, tmp_path / "model.pth", tmp_path / "derived")
+    assert out.max_abs_diff < 1e-5 and not out.stock
+    derived, _ = ASRTask.build_model_from_file(out.config, out.model_file, "cpu")
+    conf = yaml.safe_load(out.config.read_text())
+    assert conf["encoder"] == "elastic_conformer" and "freeze_param" not in conf
+    assert set(conf["encoder_conf"]["search"]) >= {"fixed"} and "eta" not in conf["encoder_conf"]["search"]
+    net.eval()
+    derived.eval()
+    b = batch()
+    with torch.no_grad(), feature.pinned(feature.pick()):
+        want = net(**b)
+    got = derived(**b)
+    torch.testing.assert_close(got[0], want[0] - want[1]["search_penalty"], rtol=1e-5, atol=1e-5)
+    assert out.num_params < out.supernet_params
+    assert json.loads((tmp_path / "derived" / "derive.json").read_text())["architecture"] == out.architecture
+
+
+def test_a_uniform_answer_exports_as_a_stock_conformer(asr_task, tmp_path):
+    from espnet2.tasks.asr import ASRTask
+
+    net, args = model(asr_task, tmp_path, dict(WIDTHS), encoder_name="searchable_conformer")
+    feature = search_feature(net.encoder)
+    with torch.no_grad():
+        for p in feature.arch.alpha.values():
+            p.copy_(torch.tensor([0.0, 3.0, 0.0]))  # every FFN picks 32
+    config = _save(net, args, tmp_path)
+    out = derive_search(config, tmp_path / "model.pth", tmp_path / "derived")
+    conf = yaml.safe_load(out.config.read_text())
+    assert out.stock and conf["encoder"] == "conformer" and conf["model"] == "espnet"
+    assert conf["encoder_conf"]["linear_units"] == 32 and "search" not in conf["encoder_conf"]
+    stock, _ = ASRTask.build_model_from_file(out.config, out.model_file, "cpu")
+    assert type(stock.encoder).__name__ == "ConformerEncoder" and out.max_abs_diff < 1e-5
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("search,needle", [
+    ({"widths": [16, 64]}, "encoder_conf.search.widths: [64] above the physical FFN width"),
+    ({"widths": [0, 16]}, "encoder_conf.search.widths: 0 is not a positive size"),
+    ({"widths": [16, 32], "ranks": [8, 24]}, "encoder_conf.search.ranks: [24] larger than the layers"),
+    ({"ranks": [8, 40]}, "encoder_conf.search.ranks: [40] larger than the layers"),
+    ({"widths": [16], "temperature": {"initial": 1.0, "final": 1.0}}, "the schedule never anneals"),
+    ({"widths": [16], "temperature": {"anneal_steps": 0}}, "encoder_conf.search.temperature.anneal_steps"),
+    ({"widths": [16], "stage": "arch"}, "encoder_conf.search.held_out: stage 'arch' (stage 2)"),
+    ({"widths": [16], "method": "softmax", "temperature": {"initial": 2.0}}, "only method 'gumbel'"),
+    ({"widths": [16], "etaa": 1}, "encoder_conf.search: unknown option(s) ['etaa']"),
+    ({"widths": [16], "target_ratio": 1.5}, "encoder_conf.search.target_ratio"),
+    ({}, "nothing to search"),
+    ({"fixed": {"width": {"feed_forward": [16, 16, 64]}}}, "encoder_conf.search.fixed.width.feed_forward: 64"),
+    ({"fixed": {"rank": {"feed_forward": [4, 4, 40]}}}, "encoder_conf.search.fixed.rank.feed_forward: bottleneck 40"),
+    ({"fixed": {"width": {"ffn": [16, 16, 16]}}}, "encoder_conf.search.fixed.width.ffn: no such FFN"),
+    ({"fixed": {"width": {"feed_forward": [16]}}, "eta": 1.0}, "are search options"),
+])
+def test_bad_search_options_name_their_yaml_path(search, needle):
+    with pytest.raises(SearchConfigError) as err:
+        encoder(search)
+    assert needle in str(err.value)
+
+
+def test_search_does_not_combine_with_quantization_systems_or_plan_widths(asr_task, tmp_path):
+    with pytest.raises(SearchConfigError, match="cannot be combined with encoder_conf.quant_conf"):
+        encoder(dict(WIDTHS), quant_conf={"bits": 4})
+    with pytest.raises(SystemSpecError, match="cannot be combined with encoder_conf.search"):
+        model(asr_task, tmp_path, dict(WIDTHS), systems={"full": {}, "shallow": {"blocks": [0, 2]}})
+    with pytest.raises(PlanError, match="ffn_units cannot be combined"):
+        encoder(dict(WIDTHS), plan={"ffn_units": 32})
+
+
+def test_searchable_alias_searches_eighths_of_linear_units_by_default():
+    enc = SearchableConformerEncoder(20, **tiny_conformer_options(linear_units=64))
+    assert search_feature(enc).widths == (16, 24, 32, 40, 48, 56, 64)
+    enc = SearchableConformerEncoder(20, **tiny_conformer_options(), search={"ranks": [4]})
+    assert search_feature(enc).widths is None  # the user's block decides what is searched
+
+
+# ------------------------------------------------------------------ held-out split
+def test_held_out_split_is_disjoint_reproducible_and_marked(tmp_path):
+    from espnet_compress.corpus.kaldi_dir import write_kaldi_dir
+
+    src = tmp_path / "data" / "train"
+    utts = [(f"spk{i % 3}_u{i:02d}", f"spk{i % 3}", str(tmp_path / f"{i}.wav"), "yes") for i in range(20)]
+    for _, _, wav, _ in utts:
+        Path(wav).write_bytes(b"")
+    write_kaldi_dir(src, utts)
+    stats = tmp_path / "asr_stats"
+    for split, ids in (("train", [u for u, *_ in utts]), ("valid", ["d1"])):
+        (stats / split).mkdir(parents=True)
+        (stats / split / "feats_stats.npz").write_bytes(b"npz")
+        (stats / split / "speech_shape").write_text("".join(f"{u} 100\n" for u in ids))
+    out = split_held_out(src, tmp_path / "split", stats, fraction=0.25, seed=3)
+    sub = set((out.out_dir / out.train_sub / "text").read_text().split()[::2])
+    held = set((out.held_out_dir / "text").read_text().split()[::2])
+    assert len(held) == out.num_held_out == 5 and out.num_sub == 15 and not sub & held
+    assert sub | held == {u for u, *_ in utts}
+    assert (out.held_out_dir / HELD_OUT_MARKER).is_file()
+    shapes = (out.stats_dir(out.held_out) / "train" / "speech_shape").read_text().split()[::2]
+    assert set(shapes) == held and (out.stats_dir(out.train_sub) / "valid" / "speech_shape").is_file()
+    assert split_held_out(src, tmp_path / "split", stats, fraction=0.25, seed=3) == out  # reused
+    with pytest.raises(ValueError, match="was made with"):
+        split_held_out(src, tmp_path / "split", stats, fraction=0.25, seed=4)
