@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -364,3 +364,24 @@ def test_held_out_split_is_disjoint_reproducible_and_marked(tmp_path):
     assert split_held_out(src, tmp_path / "split", stats, fraction=0.25, seed=3) == out  # reused
     with pytest.raises(ValueError, match="was made with"):
         split_held_out(src, tmp_path / "split", stats, fraction=0.25, seed=4)
+
+
+def test_derived_config_drops_the_run_and_takes_the_stage_1_schedule(asr_task, tmp_path):
+    """A stage-2 run's config.yaml names its data, shapes and frozen parameters, and trains alpha with
+    its own optimiser: the derived config keeps none of that (asr_train would append the search's
+    data to the fine-tune's) and trains with the supernet's stage-1 schedule, found via init_param."""
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "config.yaml").write_text(yaml.safe_dump({"max_epoch": 7, "optim": "adam", "optim_conf": {"lr": 0.003}}))
+    net, args = model(asr_task, tmp_path, dict(WIDTHS, method="softmax", temperature=None))
+    args.init_param = [f"{stage1 / 'valid.acc.best.pth'}"]
+    args.freeze_param = ["decoder"]
+    args.train_data_path_and_name_and_type = [["heldout/wav.scp", "speech", "sound"]]
+    args.max_epoch, args.optim_conf = 3, {"lr": 0.05}
+    out = derive_search(_save(net, args, tmp_path), tmp_path / "model.pth", tmp_path / "derived")
+    conf = yaml.safe_load(out.config.read_text())
+    assert conf["max_epoch"] == 7 and conf["optim_conf"] == {"lr": 0.003}
+    assert not {"init_param", "freeze_param", "train_data_path_and_name_and_type", "output_dir"} & set(conf)
+    # asr_train takes it as --config (a run's dump also holds keys such as 'required' that it refuses)
+    parsed = asr_task.ASRTask.get_parser().parse_args(["--config", str(out.config), "--output_dir", str(tmp_path)])
+    assert parsed.encoder == conf["encoder"] == "conformer" and parsed.max_epoch == 7  # alpha 0: all 16

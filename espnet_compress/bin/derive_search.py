@@ -27,6 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--asr_train_config", type=Path, required=True, help="the search's config.yaml (stage 2)")
     p.add_argument("--asr_model_file", type=Path, required=True, help="its checkpoint")
     p.add_argument("--out_dir", type=Path, required=True)
+    p.add_argument("--schedule_config", type=Path, default=None,
+                   help="config whose epochs/optimiser/scheduler the derived model trains with (default: the "
+                        "stage-1 config, found through the stage-2 run's init_param)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for path in (args.asr_train_config, args.asr_model_file):
@@ -34,7 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"derive_search: {path} does not exist", file=sys.stderr)
             return 2
     try:
-        res = derive_search(args.asr_train_config, args.asr_model_file, args.out_dir)
+        res = derive_search(args.asr_train_config, args.asr_model_file, args.out_dir,
+                            schedule_config=args.schedule_config)
     except ValueError as err:
         print(f"derive_search: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
 import torch
 import yaml
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 RECORD = "derive.json"
 #: largest |supernet - derived| encoder output difference accepted by the self-check
 TOLERANCE = 1e-4
+#: keys of an ESPnet run's config.yaml that belong to that run, not to the model: a derived config
+#: given to asr_train with new data would otherwise *append* the search's data and shapes
+RUN_KEYS = ("output_dir", "train_data_path_and_name_and_type", "valid_data_path_and_name_and_type",
+            "train_shape_file", "valid_shape_file", "init_param", "freeze_param")
+#: training-schedule keys the derived model takes from the supernet's (stage-1) config
+SCHEDULE_KEYS = ("max_epoch", "patience", "early_stopping_criterion", "optim", "optim_conf", "scheduler",
+                 "scheduler_conf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +65,7 @@ def derived_config(train_config: Mapping[str, Any], feature: SearchFeature, enco
     the derived model trains like any model.
     """
     conf = copy.deepcopy(dict(train_config))
-    for key in ("freeze_param", "init_param"):
+    for key in [k for k in conf if k in RUN_KEYS or k not in training_options()]:
         conf.pop(key, None)
     enc = conf.setdefault("encoder_conf", {})
     widths = {w for per_block in architecture["width"].values() for w in per_block}
@@ -84,11 +91,36 @@ def derived_config(train_config: Mapping[str, Any], feature: SearchFeature, enco
     return conf, False
 
 
+def training_options() -> Set[str]:
+    """Keys a training config may hold: ``asr_train``'s options, without ``config``/``print_config``
+    (an ESPnet run's ``config.yaml`` also records argparse's ``required`` list, which asr_train
+    refuses as a config key)."""
+    from espnet2.tasks.asr import ASRTask
+
+    return {a.dest for a in ASRTask.get_parser()._actions} - {"config", "print_config", "help"}
+
+
+def schedule_source(train_config: Mapping[str, Any]) -> Optional[Path]:
+    """The stage-1 config of a stage-2 run: ``config.yaml`` beside the checkpoint its ``init_param``
+    loaded (stage 2's own schedule trains alpha, not a network)."""
+    init = train_config.get("init_param") or []
+    for entry in [init] if isinstance(init, str) else init:
+        candidate = Path(str(entry).split(":", 1)[0]).parent / "config.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def derive_search(train_config: Union[str, Path], model_file: Union[str, Path], out_dir: Union[str, Path],
-                  pick: Optional[Mapping[str, Mapping[str, int]]] = None) -> DerivedModel:
+                  pick: Optional[Mapping[str, Mapping[str, int]]] = None,
+                  schedule_config: Optional[Union[str, Path]] = None) -> DerivedModel:
     """Write ``out_dir/config.yaml``, ``out_dir/model.pth`` and ``out_dir/derive.json`` for the argmax
     architecture of the supernet (or ``pick``: candidate indices per FFN key, as
-    :meth:`SearchFeature.pick` returns them)."""
+    :meth:`SearchFeature.pick` returns them).
+
+    The derived config trains with the schedule (epochs, optimiser, scheduler) of ``schedule_config``,
+    by default the stage-1 run's config found through the stage-2 run's ``init_param``; without
+    either, the given config's own schedule is kept (and a warning says so)."""
     from espnet2.tasks.asr import ASRTask
 
     train_config, out_dir = Path(train_config), Path(out_dir)
@@ -100,6 +132,16 @@ def derive_search(train_config: Union[str, Path], model_file: Union[str, Path], 
     architecture = feature.architecture(pick)
     raw = yaml.safe_load(train_config.read_text())
     conf, stock = derived_config(raw, feature, model.encoder, architecture)
+    source = Path(schedule_config) if schedule_config is not None else schedule_source(raw)
+    if source is not None:
+        schedule = yaml.safe_load(source.read_text())
+        for key in SCHEDULE_KEYS:
+            conf.pop(key, None)
+            if key in schedule:
+                conf[key] = schedule[key]
+    else:
+        log.warning("%s: no stage-1 config found (init_param); the derived config keeps this config's schedule "
+                    "(give schedule_config for fine-tuning)", train_config)
     state = feature.derived_state(model.state_dict(), model.encoder, pick)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.yaml"
@@ -116,6 +158,7 @@ def derive_search(train_config: Union[str, Path], model_file: Union[str, Path], 
     result = DerivedModel(config_path, model_path, stock, architecture, count_parameters(derived),
                           count_parameters(model), diff)
     record = {"source_config": str(train_config), "source_model": str(model_file), "stock": stock,
+              "schedule_from": None if source is None else str(source),
               "architecture": architecture, "num_params": result.num_params,
               "supernet_params": result.supernet_params, "max_abs_diff": diff,
               "pick": {k: dict(v) for k, v in pick.items()}}

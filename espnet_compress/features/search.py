@@ -236,10 +236,11 @@ class SearchFeature(EncoderFeature):
         self.method = c.get("method", "gumbel")
         if self.method not in METHODS:
             raise SearchConfigError(f"{where}.method: '{self.method}' unknown; allowed: {list(METHODS)}")
-        if self.method == "softmax" and "temperature" in c:
+        if self.method == "softmax" and c.get("temperature") is not None:
             raise SearchConfigError(f"{where}.temperature: only method 'gumbel' has a temperature; "
                                     f"plain softmax is softmax(alpha)")
-        self.temperature = self._parse_temperature(c.get("temperature", DEFAULT_TEMPERATURE), f"{where}.temperature")
+        self.temperature = self._parse_temperature(
+            DEFAULT_TEMPERATURE if c.get("temperature") is None else c["temperature"], f"{where}.temperature")
         self.eta = _number(c.get("eta", 0.0), f"{where}.eta")
         self.target_ratio = None if c.get("target_ratio") is None else _number(
             c["target_ratio"], f"{where}.target_ratio", positive=True)
