@@ -3,7 +3,7 @@
 Usage:
     python -m espnet_compress.bin.export_packed --asr_train_config exp/x/config.yaml \\
         --asr_model_file exp/x/valid.acc.best.pth --out_dir exp/x/packed \\
-        [--fp_dtype float32|float16] [--scale_dtype float32|float16]
+        [--fp_dtype float32|float16] [--scale_dtype float32|float16] [--ternary_packing bits|trits]
     python -m espnet_compress.bin.export_packed --asr_exp exp/asr_<tag> [--asr_model_file valid.acc.best.pth]
 
 Writes OUT_DIR/{model.packed.pth, config.yaml, size_report.json, size_report.md, model.packed.zip}
@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from espnet_compress.export import ExportError, export_packed
 from espnet_compress.export.asr_exp import DEFAULT_MODEL, export_packed_to_exp
+from espnet_compress.quant.bitpack import PACKINGS
 
 DTYPES = ("float32", "float16")
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="storage dtype of the tensors that are not quantized")
     parser.add_argument("--scale_dtype", choices=DTYPES, default="float32",
                         help="storage dtype of quantization scales")
+    parser.add_argument("--ternary_packing", choices=PACKINGS, default="bits",
+                        help="layout of 2-bit (ternary) codes: bits = 4 per byte, trits = 5 per byte (1.6 bits)")
     parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -64,11 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.asr_exp is not None:
             placed = export_packed_to_exp(args.asr_exp, str(args.asr_model_file or DEFAULT_MODEL),
                                           fp_dtype=args.fp_dtype, scale_dtype=args.scale_dtype,
-                                          command=["python", "-m", "espnet_compress.bin.export_packed", *argv])
+                                          ternary_packing=args.ternary_packing, command=["python", "-m", "espnet_compress.bin.export_packed", *argv])
             result = placed.export
         else:
             result = export_packed(args.asr_train_config, args.asr_model_file, args.out_dir,
-                                   fp_dtype=args.fp_dtype, scale_dtype=args.scale_dtype)
+                                   fp_dtype=args.fp_dtype, scale_dtype=args.scale_dtype,
+                                   ternary_packing=args.ternary_packing)
     except ExportError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

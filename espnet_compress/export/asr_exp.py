@@ -65,7 +65,8 @@ def check_asr_exp(asr_exp: PathLike, model_name: str) -> Path:
 
 
 def export_packed_to_exp(asr_exp: PathLike, model_name: str = DEFAULT_MODEL, fp_dtype: str = "float32",
-                         scale_dtype: str = "float32", command: Optional[Sequence[str]] = None) -> ExpPacked:
+                         scale_dtype: str = "float32", command: Optional[Sequence[str]] = None,
+                         ternary_packing: str = "bits") -> ExpPacked:
     """Pack ``asr_exp/model_name`` (a QAT checkpoint) and place it for asr.sh (module docstring)."""
     asr_exp = Path(asr_exp)
     model_file = check_asr_exp(asr_exp, model_name)
@@ -76,7 +77,8 @@ def export_packed_to_exp(asr_exp: PathLike, model_name: str = DEFAULT_MODEL, fp_
             f"{config}: model '{model_kind}' cannot load a packed checkpoint, and asr.sh decodes and packs with "
             f"this config; train with 'model: compressed' (same options as 'espnet', as the QAT configs of this "
             f"project do), or use export_packed --out_dir for a standalone export")
-    result = export_packed(config, model_file, asr_exp / "packed", fp_dtype=fp_dtype, scale_dtype=scale_dtype)
+    result = export_packed(config, model_file, asr_exp / "packed", fp_dtype=fp_dtype, scale_dtype=scale_dtype,
+                           ternary_packing=ternary_packing)
     name = f"{Path(model_name).stem}.packed.pth"
     shutil.copyfile(result.packed_file, asr_exp / name)
     _record(asr_exp, command, source_asr_exp=asr_exp, model_file=model_file, system=None,

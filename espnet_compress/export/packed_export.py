@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from espnet_compress.quant.api import quantized_modules
+from espnet_compress.quant.bitpack import PACKINGS
 from espnet_compress.quant.packed import _FLOAT_DTYPES, is_packed, save_packed, size_report
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class ExportResult:
 
 
 def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_dtype: str = "float32",
-                  scale_dtype: str = "float32") -> ExportResult:
+                  scale_dtype: str = "float32", ternary_packing: str = "bits") -> ExportResult:
     """Pack the model of ``config`` + ``model_file`` (a QAT checkpoint) into ``out_dir``.
 
     Args:
@@ -79,6 +80,8 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
         out_dir: created if needed; existing files of a previous export are replaced.
         fp_dtype: storage dtype of tensors that are not quantized (``float32`` keeps them exact).
         scale_dtype: storage dtype of quantization scales (and LSQ steps).
+        ternary_packing: layout of 2-bit (ternary) codes: ``bits`` (2 bits each) or ``trits``
+            (five per byte, 1.6 bits each; needs this version of the loader).
 
     Raises:
         ExportError: a missing/unsuitable input, or a model without any quantized layer.
@@ -91,6 +94,8 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
     for option, value in (("fp_dtype", fp_dtype), ("scale_dtype", scale_dtype)):
         if value not in _FLOAT_DTYPES:
             raise ExportError(f"{option} must be one of {sorted(_FLOAT_DTYPES)}, got {value!r}")
+    if ternary_packing not in PACKINGS:
+        raise ExportError(f"ternary_packing must be one of {list(PACKINGS)}, got {ternary_packing!r}")
     train_conf = _read_config(config)
     model_name = train_conf.get("model", "espnet")
     if model_name not in MODEL_REWRITE:
@@ -111,7 +116,8 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".export"))
     try:
-        header = save_packed(model, stage / PACKED_NAME, fp_dtype=fp_dtype, scale_dtype=scale_dtype)
+        header = save_packed(model, stage / PACKED_NAME, fp_dtype=fp_dtype, scale_dtype=scale_dtype,
+                             ternary_packing=ternary_packing)
         report = size_summary(header, model_file.stat().st_size, (stage / PACKED_NAME).stat().st_size)
         report.update(source_config=str(config.resolve()), source_model_file=str(model_file.resolve()),
                       fp_dtype=fp_dtype)

@@ -6,7 +6,8 @@ File layout (``torch.save`` of a two-entry dict, so stock ``Speech2Text``/``asr_
     {"__espnet_compress_packed__": <JSON header>, "blob": <uint8 tensor>}
 
 The header lists every state-dict entry with its byte range in ``blob``: quantized weights as
-``bits``-wide codes (:mod:`.bitpack`) plus their scale(s), everything else (biases, norms,
+``bits``-wide codes (:mod:`.bitpack`; ternary codes optionally as trits, five per byte, marked
+``"packing": "trits"`` in their record) plus their scale(s), everything else (biases, norms,
 embeddings, learned steps) as raw tensors in the configured float dtype. Format 2 hashes the
 header *and* the blob (SHA-256), so a changed offset, width or shape is refused like a corrupted
 payload; format 1 files (payload hash only) still load, with every record checked for
@@ -30,7 +31,7 @@ import torch
 
 from espnet_compress.env import settings
 from espnet_compress.quant.api import quantized_modules
-from espnet_compress.quant.bitpack import pack_codes, packed_nbytes, unpack_codes
+from espnet_compress.quant.bitpack import check_packing, nbytes, pack, unpack
 from espnet_compress.quant.inference import freeze_for_inference
 from espnet_compress.quant.quantizers import SUPPORTED_BITS
 from espnet_compress.utils.io import atomic_write_bytes
@@ -65,6 +66,15 @@ class TensorRecord:
     bits: int = 0  # 0: raw tensor; else codes of this width followed by the scale(s)
     scale_shape: Optional[List[int]] = None
     group: str = "other"
+    packing: str = "bits"  # code layout (:mod:`.bitpack`); "trits": ternary codes 5 per byte
+
+    def to_header(self) -> Dict[str, Any]:
+        """The header entry; ``packing`` only when not the default, so files without trits keep
+        the header (and checksum) they had before the option existed."""
+        rec = dataclasses.asdict(self)
+        if rec["packing"] == "bits":
+            del rec["packing"]
+        return rec
 
 
 @dataclasses.dataclass
@@ -92,16 +102,20 @@ def _digest(header: Mapping[str, Any], blob: bytes) -> str:
 
 
 def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: str = "float32",
-               encodings: Optional[Mapping[str, Encoding]] = None) -> Tuple[Dict[str, Any], bytes]:
+               encodings: Optional[Mapping[str, Encoding]] = None,
+               ternary_packing: str = "bits") -> Tuple[Dict[str, Any], bytes]:
     """Pack ``model.state_dict()``: quantized modules at their current bit width, the rest raw.
 
     Returns the header (JSON-able) and the blob. ``fp_dtype`` applies to floating tensors that are
     not quantized, ``scale_dtype`` to quantization scales (including learned LSQ steps).
     ``encodings`` (state-dict key -> codes, scale) stores given codes instead of encoding the
     module's weight: a system export passes what the supernet computed for a narrowed layer.
+    ``ternary_packing``: layout of 2-bit (ternary) codes, ``bits`` (4 per byte) or ``trits``
+    (5 per byte, 1.6 bits per weight).
     """
     if fp_dtype not in _FLOAT_DTYPES or scale_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp_dtype/scale_dtype must be one of {sorted(_FLOAT_DTYPES)}")
+    check_packing(ternary_packing, 2)
     qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items() if m.bits}
     records: List[TensorRecord] = []
     chunks: List[bytes] = []
@@ -115,9 +129,11 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
             else:
                 codes, scale = module.weight_quantizer.encode(module.weight, module.bits)
             scale = scale.detach().cpu().to(_FLOAT_DTYPES[scale_dtype])
-            data = pack_codes(codes.numpy(), module.bits) + _tensor_bytes(scale)
+            packing = ternary_packing if module.bits == 2 else "bits"
+            data = pack(codes.numpy(), module.bits, packing) + _tensor_bytes(scale)
             rec = TensorRecord(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), offset, len(data),
-                               bits=module.bits, scale_shape=list(scale.shape), group=_group(name, module.bits))
+                               bits=module.bits, scale_shape=list(scale.shape), group=_group(name, module.bits),
+                               packing=packing)
         else:
             if tensor.is_floating_point():
                 # Learned (LSQ) steps are scales: the loaded layer re-encodes its weight with them,
@@ -136,7 +152,7 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
         "version": FORMAT_VERSION,
         "blob_bytes": len(blob),
         "scale_dtype": scale_dtype,
-        "tensors": [dataclasses.asdict(r) for r in records],
+        "tensors": [r.to_header() for r in records],
     }
     header["sha256"] = _digest(header, blob)
     return header, blob
@@ -158,11 +174,13 @@ def _tensor_from_bytes(data: bytes, dtype: str, shape: List[int]) -> torch.Tenso
 
 
 def save_packed(model: torch.nn.Module, path: Union[str, Path], fp_dtype: str = "float32",
-                scale_dtype: str = "float32", encodings: Optional[Mapping[str, Encoding]] = None) -> Dict[str, Any]:
+                scale_dtype: str = "float32", encodings: Optional[Mapping[str, Encoding]] = None,
+                ternary_packing: str = "bits") -> Dict[str, Any]:
     """Write a packed checkpoint atomically (temp file, then rename); return its header."""
     import io
 
-    header, blob = pack_model(model, fp_dtype=fp_dtype, scale_dtype=scale_dtype, encodings=encodings)
+    header, blob = pack_model(model, fp_dtype=fp_dtype, scale_dtype=scale_dtype, encodings=encodings,
+                              ternary_packing=ternary_packing)
     buf = io.BytesIO()
     torch.save({MAGIC: json.dumps(header), "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -195,7 +213,7 @@ def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> Lis
         where = f"{source}: tensor '{name}'"
         try:
             shape, dtype, bits = [int(v) for v in rec["shape"]], rec["dtype"], int(rec["bits"])
-            start, nbytes = int(rec["offset"]), int(rec["nbytes"])
+            start, size = int(rec["offset"]), int(rec["nbytes"])
         except (KeyError, TypeError, ValueError) as err:
             raise PackedModelError(f"{where}: malformed header record ({err!r})") from None
         if name in seen:
@@ -207,15 +225,21 @@ def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> Lis
             scale_shape = rec.get("scale_shape")
             if not isinstance(scale_shape, list):
                 raise PackedModelError(f"{where}: quantized record without scale_shape")
-            expected = packed_nbytes(_numel(shape), bits) + _numel(scale_shape) * _itemsize(scale_dtype)
+            packing = rec.get("packing", "bits")
+            try:
+                check_packing(packing, bits)
+            except ValueError as err:
+                raise PackedModelError(f"{where}: {err}") from None
+            expected = nbytes(_numel(shape), bits, packing) + _numel(scale_shape) * _itemsize(scale_dtype)
         else:
             expected = _numel(shape) * _itemsize(dtype)
-        if nbytes != expected:
-            raise PackedModelError(f"{where}: {nbytes} bytes in the header, but shape {shape} at "
-                                   f"{bits or dtype}{'-bit' if bits else ''} takes {expected}")
+        if size != expected:
+            layout = f" ({rec.get('packing', 'bits')})" if bits else ""
+            raise PackedModelError(f"{where}: {size} bytes in the header, but shape {shape} at "
+                                   f"{bits or dtype}{'-bit' if bits else ''}{layout} takes {expected}")
         if start != offset:
             raise PackedModelError(f"{where}: starts at byte {start}, expected {offset} (records must tile the blob)")
-        offset += nbytes
+        offset += size
     if offset != blob_len:
         raise PackedModelError(f"{source}: records cover {offset} bytes, the payload has {blob_len}")
     return records
@@ -250,8 +274,13 @@ def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint
     for rec in records:
         data = blob[rec["offset"]: rec["offset"] + rec["nbytes"]]
         if rec["bits"]:
-            ncode = packed_nbytes(_numel(rec["shape"]), rec["bits"])
-            codes = torch.from_numpy(unpack_codes(data[:ncode], rec["bits"], _numel(rec["shape"]))).reshape(rec["shape"])
+            packing = rec.get("packing", "bits")
+            ncode = nbytes(_numel(rec["shape"]), rec["bits"], packing)
+            try:
+                flat = unpack(data[:ncode], rec["bits"], _numel(rec["shape"]), packing)
+            except ValueError as err:
+                raise PackedModelError(f"{source}: tensor '{rec['name']}': {err}") from None
+            codes = torch.from_numpy(flat).reshape(rec["shape"])
             scale = _tensor_from_bytes(data[ncode:], scale_dtype, rec["scale_shape"]).float()
             s = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (codes.dim() - 1)))
             out[rec["name"]] = (codes.float() * s).to(getattr(torch, rec["dtype"]))

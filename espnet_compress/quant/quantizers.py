@@ -16,6 +16,8 @@ Grids (``n`` bits, ``q = 2**(n-1) - 1``):
 * 1 bit: ``sign(W) * alpha`` with ``alpha = mean|W|`` (the L1-optimal binary scale), sign(0) = +1.
 * learned scale (LSQ-style), any supported n: one learnable tensor-wise step per bit width;
   gradient of the step as in LSQ, scaled by ``1/sqrt(numel * q)``.
+* std-alpha (:class:`StdScaleQuantizer`, the one-bit ASR method): step ``alpha_n * s``, ``s =
+  min(2 std(W), 1)`` at 1-2 bits (``max|W| / q`` wider), one learnable ``alpha_n`` per width.
 """
 from __future__ import annotations
 
@@ -218,4 +220,88 @@ class LearnedScaleQuantizer(WeightQuantizer):
         return codes.to(torch.int8), s.clone()
 
 
-QUANTIZERS: Dict[str, type] = {"max": MaxScaleQuantizer, "lsq": LearnedScaleQuantizer}
+class _AlphaScaledRound(torch.autograd.Function):
+    """Forward ``step * code(w / step)`` with ``step = alpha * base``; backward as the one-bit ASR
+    authors' code: identity to ``w`` (no clip mask), and to ``alpha`` the LSQ-like
+    ``sum(grad * (code - u))`` inside the grid's range and ``sum(grad * code)`` outside it (``u = w / step``),
+    without the ``base`` factor or LSQ's gradient scale (what the released QACT code does)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor, bits: int) -> torch.Tensor:
+        step = alpha * base
+        u = w / step
+        code, inside = _grid_codes(u, bits)
+        ctx.save_for_backward(u, code, inside)
+        return code * step
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, code, inside = ctx.saved_tensors
+        grad_alpha = (grad * torch.where(inside, code - u, code)).sum()
+        return grad, grad_alpha.reshape(()), None, None
+
+
+def _grid_codes(u: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Codes of ``u`` (weights in units of the step) on the symmetric grid, as floats, and the mask
+    of values inside the grid's range. 1 bit: ``sign(u)`` with sign(0) = +1 (the packed format's
+    two codes); n >= 2: ``clamp(round(u), -q, q)`` (ternary {-1, 0, +1} at 2 bits)."""
+    q = qmax(bits)
+    if bits == 1:
+        code = torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+    else:
+        code = torch.clamp(torch.round(u), -q, q)
+    return code, u.abs() <= q
+
+
+class StdScaleQuantizer(WeightQuantizer):
+    """The one-bit/two-bit ASR quantizer (Li et al., Interspeech 2025; the authors' QACT code):
+    step ``alpha_n * s`` with one learnable ``alpha_n`` per bit width and per tensor (initialised to
+    1) times a scale recomputed from the weight on every forward:
+
+    * n <= 2: ``s = min(2 * std(W), 1)`` (shared by the 1- and 2-bit grids); 2 bits is ternary
+      ``{-alpha s, 0, +alpha s}``, 1 bit ``sign(W) * alpha * s``;
+    * n >= 3: ``s = max|W| / q`` (the authors keep the conv module at 4 bits with this scale and a
+      learnable ``alpha_4``; the same rule serves any wider grid, e.g. a 4-bit decoder).
+
+    Why a learnable factor on a weight-derived scale rather than a free LSQ step: the scale follows
+    the weight's spread as training moves it, and ``alpha`` only learns the correction per
+    precision, so one weight set can serve 2 and 1 bit at once (co-training) with a step each.
+    Gradients (:class:`_AlphaScaledRound`): identity STE for W, LSQ-like for alpha. A factor the
+    optimizer pushes to zero or below is used as ``MIN_ALPHA`` in the forward (its gradient still
+    flows). ``encode`` returns codes and the scalar step ``alpha * s``; a packed file stores those,
+    and the ``alpha_<n>bit`` parameters as raw tensors.
+    """
+
+    MIN_ALPHA = 1e-4
+
+    def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS) -> None:
+        super().__init__(bit_choices)
+        self.alphas = torch.nn.ParameterDict(
+            {f"alpha_{b}bit": torch.nn.Parameter(torch.tensor(1.0)) for b in self.bit_choices}
+        )
+
+    @staticmethod
+    def base_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+        """``s`` of the step (no gradient: a statistic of the weight, as in the authors' code)."""
+        w = w.detach()
+        if bits <= 2:
+            s = torch.clamp(2 * w.std(), max=1.0) if w.numel() > 1 else w.abs().reshape(())
+        else:
+            s = w.abs().max() / qmax(bits)
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    def alpha(self, bits: int) -> torch.Tensor:
+        p = self.alphas[f"alpha_{bits}bit"]
+        # value clamped, gradient straight through (a plain clamp would stop it below MIN_ALPHA)
+        return _ste(p, p.clamp(min=self.MIN_ALPHA))
+
+    def fake_quantize(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        return _AlphaScaledRound.apply(w, self.alpha(bits), self.base_scale(w, bits), bits)
+
+    def encode(self, w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        step = (self.alpha(bits) * self.base_scale(w, bits)).detach()
+        code, _ = _grid_codes(w.detach() / step, bits)
+        return code.to(torch.int8), step.clone()
+
+
+QUANTIZERS: Dict[str, type] = {"max": MaxScaleQuantizer, "lsq": LearnedScaleQuantizer, "std_alpha": StdScaleQuantizer}
