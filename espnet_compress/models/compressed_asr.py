@@ -37,12 +37,19 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
         decoder_quant: :class:`~espnet_compress.quant.api.QuantConfig` options for every Linear of
             the decoder (attention projections, FFNs, output layer); the token embedding stays fp32.
             ``None`` keeps the decoder in full precision.
-        systems: ``{name: {blocks, ffn_units, bits, decoder_bits, weight}}``; ``None`` = one system.
+        systems: ``{name: {blocks, ffn_units, bits, decoder_bits, weight, stochastic_bits}}``; ``None`` =
+            one system. ``stochastic_bits: {low, high, probs}`` redraws the system's per-layer
+            precision every training step (:class:`~espnet_compress.models.systems.StochasticPrecision`).
         largest: the teacher system (default: the first listed).
         kl_weight: weight of ``KL(stopgrad(p_largest) || p_i)`` per non-largest system.
         kl_target: which distributions the KL compares: ``decoder`` (teacher-forced token
             posteriors, the main score of joint decoding, default), ``ctc`` (frame posteriors; all
-            systems share the frame rate) or ``both`` (mean of the two).
+            systems share the frame rate), ``both`` (mean of the two) or ``hybrid`` (weighted like
+            ESPnet's loss: ``ctc_weight`` KL_ctc + ``(1 - ctc_weight)`` KL_att, the one-bit ASR
+            authors' co-training loss).
+        kl_reduction: ``token`` (KL averaged over real tokens/frames, default) or ``utterance``
+            (summed per utterance, averaged over the batch: the scale of ESPnet's CTC and attention
+            losses with ``length_normalized_loss: false``, so ``kl_weight`` weighs like a system weight).
         sampling: which systems train in a step: ``all``; ``sandwich`` (largest + smallest +
             ``num_random_systems`` others); ``random`` (largest + ``num_random_systems`` others).
             Sampling trades the systems' own updates for cost: each step costs about one forward
@@ -61,7 +68,7 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
                  systems: Optional[Mapping[str, Any]] = None, largest: Optional[str] = None,
                  kl_weight: float = 0.1, kl_target: str = "decoder", sampling: str = "all",
                  num_random_systems: int = 1, sampling_seed: int = 0, decode_system: Optional[str] = None,
-                 share_computation: bool = True, **espnet_kwargs: Any) -> None:
+                 share_computation: bool = True, kl_reduction: str = "token", **espnet_kwargs: Any) -> None:
         reject_unknown_options(type(self), espnet_kwargs, "model_conf")
         super().__init__(*args, **espnet_kwargs)
         self.decoder_quant = None
@@ -74,7 +81,7 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
             raise SystemSpecError(f"model_conf.share_computation must be true or false, got {share_computation!r}")
         self.share_computation = share_computation
         self._setup_systems(systems, largest, kl_weight, kl_target, sampling, num_random_systems,
-                            sampling_seed, decode_system)
+                            sampling_seed, decode_system, kl_reduction)
         if self.systems and search_feature(self.encoder) is not None:
             raise SystemSpecError("model_conf.systems cannot be combined with encoder_conf.search: the search "
                                   "trains one supernet; derive its architecture, then train systems of that")

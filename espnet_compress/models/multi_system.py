@@ -1,6 +1,12 @@
 """Many systems of one set of weights in one training step (the all-in-one supernet, foldable
 depths, precisions): ``L = L_largest + sum_i w_i L_i + kl_weight sum_i KL(stopgrad(p_largest) || p_i)``.
 
+A system with ``stochastic_bits`` trains a freshly drawn per-layer precision mix in every step
+(:class:`~espnet_compress.models.systems.StochasticPrecision`); with ``kl_target: hybrid`` and
+``kl_reduction: utterance`` the KL is weighted and normalised like ESPnet's own CTC/attention loss,
+which is the one-bit ASR authors' co-training loss ``w (CTC + att) + kl_weight (KL_ctc + KL_att)``
+under the same ``ctc_weight`` split.
+
 Each system's ``L`` is ESPnet's own hybrid CTC/attention loss: the stock ``forward`` runs once per
 system with that system's plan, so nothing of ESPnet's loss is re-implemented. This module holds
 that step (system selection, sampling, the KL term, RNG alignment, shared features); the
@@ -29,11 +35,12 @@ class MultiSystemMixin:
     """Mixin (before ``ESPnetASRModel``): ``model_conf.systems`` and the step that trains them.
     Options are documented on :class:`~espnet_compress.models.compressed_asr.CompressedASRModel`."""
 
-    KL_TARGETS = ("decoder", "ctc", "both")
+    KL_TARGETS = ("decoder", "ctc", "both", "hybrid")
+    KL_REDUCTIONS = ("token", "utterance")
 
     def _setup_systems(self, systems: Optional[Mapping[str, Any]], largest: Optional[str], kl_weight: float,
                        kl_target: str, sampling: str, num_random: int, seed: int,
-                       decode_system: Optional[str]) -> None:
+                       decode_system: Optional[str], kl_reduction: str = "token") -> None:
         self.systems: Dict[str, SystemSpec] = {}
         self.active_system: Optional[str] = None
         if systems is None:
@@ -52,13 +59,16 @@ class MultiSystemMixin:
             raise SystemSpecError(f"model_conf.kl_target: '{kl_target}' unknown; allowed: {list(self.KL_TARGETS)}")
         if kl_weight < 0:
             raise SystemSpecError(f"model_conf.kl_weight must be >= 0, got {kl_weight}")
+        if kl_reduction not in self.KL_REDUCTIONS:
+            raise SystemSpecError(f"model_conf.kl_reduction: '{kl_reduction}' unknown; allowed: {list(self.KL_REDUCTIONS)}")
         uses_decoder = self.decoder is not None and self.ctc_weight < 1.0
-        if kl_target in ("decoder", "both") and not uses_decoder:
+        if kl_target in ("decoder", "both", "hybrid") and not uses_decoder:
             raise SystemSpecError(f"model_conf.kl_target '{kl_target}' needs the attention decoder, but this model is "
                                   f"CTC-only (no decoder or ctc_weight 1.0); use kl_target: ctc")
-        if kl_target in ("ctc", "both") and self.ctc_weight == 0.0:
+        if kl_target in ("ctc", "both", "hybrid") and self.ctc_weight == 0.0:
             raise SystemSpecError(f"model_conf.kl_target '{kl_target}' needs CTC, but ctc_weight is 0; use kl_target: decoder")
-        self.kl_weight, self.kl_target = float(kl_weight), kl_target
+        self.kl_weight, self.kl_target, self.kl_reduction = float(kl_weight), kl_target, kl_reduction
+        self.sampling_seed = seed
         costs = {n: self.encoder.executed_weight_bits(s.plan) for n, s in self.systems.items()}
         smallest = min(costs, key=costs.get)
         self.sampler = SystemSampler(list(self.systems), self.largest, smallest, sampling, num_random, seed)
@@ -183,18 +193,44 @@ class MultiSystemMixin:
 
     def _kl(self, teacher: Dict[str, torch.Tensor], student: Dict[str, torch.Tensor],
             text_lengths: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student), averaged over real (non-padded) tokens or frames."""
-        parts = []
-        if self.kl_target in ("decoder", "both"):
+        """KL(teacher || student) over real (non-padded) tokens or frames: averaged over them
+        (``kl_reduction: token``) or summed per utterance and averaged over the batch
+        (``utterance``, ESPnet's own normalisation of CTC and attention losses). ``both`` is the mean
+        of the two KLs, ``hybrid`` weights them like ESPnet's loss: ``ctc_weight`` KL_ctc +
+        ``(1 - ctc_weight)`` KL_att."""
+        per_utt = self.kl_reduction == "utterance"
+        parts = {}
+        if self.kl_target in ("decoder", "both", "hybrid"):
             t, s = teacher["decoder"], student["decoder"]
             mask = torch.arange(t.shape[1], device=t.device)[None, :] < (text_lengths + 1)[:, None]
-            parts.append(_masked_kl(t, s, mask))
-        if self.kl_target in ("ctc", "both"):
+            parts["att"] = _masked_kl(t, s, mask, per_utt)
+        if self.kl_target in ("ctc", "both", "hybrid"):
             t, s = teacher["ctc_logits"], student["ctc_logits"]
             mask = torch.arange(t.shape[1], device=t.device)[None, :] < teacher["ctc_lens"][:, None]
-            parts.append(_masked_kl(t, s, mask))
-        return sum(parts) / len(parts)
+            parts["ctc"] = _masked_kl(t, s, mask, per_utt)
+        if self.kl_target == "hybrid":
+            return self.ctc_weight * parts["ctc"] + (1.0 - self.ctc_weight) * parts["att"]
+        return sum(parts.values()) / len(parts)
 
+
+    @contextlib.contextmanager
+    def _drawn_precision(self, name: str, step: int) -> Iterator[None]:
+        """In training, run a stochastic-precision system with its draw for ``step`` (a plan with the
+        system's name, blocks and widths, so its norm statistics stay its own: the draw is
+        registered as the system's statistics plan for the body). Other systems, and evaluation,
+        run the declared plan (a stochastic system's most likely mix)."""
+        spec = self.systems[name]
+        if spec.stochastic is None or not self.training:
+            yield
+            return
+        drawn = spec.plan_for_step(self.encoder, step, self.sampling_seed)
+        plans = {n: s.plan for n, s in self.systems.items()}
+        self.encoder.track_norm_stats(dict(plans, **{name: drawn}), self.largest)
+        try:
+            self.encoder.set_plan(drawn)
+            yield
+        finally:
+            self.encoder.track_norm_stats(plans, self.largest)
 
     def multi_system_forward(self, speech: torch.Tensor, speech_lengths: torch.Tensor, text: torch.Tensor,
                              text_lengths: torch.Tensor, **kwargs: Any):
@@ -205,7 +241,8 @@ class MultiSystemMixin:
         layer and any plan prefix two systems have in common are computed once as well (see
         :mod:`espnet_compress.core.sharing`), which is where one pass saves over separate runs.
         """
-        names = self.sampler.draw(int(self.num_steps)) if self.training else list(self.systems)
+        step = int(self.num_steps)
+        names = self.sampler.draw(step) if self.training else list(self.systems)
         if self.training:
             self.num_steps += 1
         if names[0] != self.largest:
@@ -224,7 +261,7 @@ class MultiSystemMixin:
                 self._rng_role = "teacher" if name == self.largest else "student"
                 self._captured = {}
                 try:
-                    with self.system(name):
+                    with self.system(name), self._drawn_precision(name, step):
                         loss, sys_stats, _ = super().forward(feats, feats_lengths, text, text_lengths, **kwargs)
                 finally:
                     self._rng_role = None
@@ -263,10 +300,13 @@ def multi_system_options() -> Tuple[str, ...]:
     return tuple(n for n in own if n not in base and n != "decoder_quant")
 
 
-def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
+               per_utterance: bool = False) -> torch.Tensor:
     log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
     log_s = torch.log_softmax(student_logits.float(), dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if per_utterance:
+        return (kl * mask).sum() / mask.shape[0]
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
