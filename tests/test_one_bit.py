@@ -385,3 +385,52 @@ def test_a_code_width_that_disagrees_with_the_header_is_refused(packed_models, t
     with pytest.raises(PackedModelError, match=needle) as err:
         load_packed(bad)
     assert str(bad) in str(err.value)
+
+
+def test_co_trained_systems_and_a_fixed_mix_export_packed_and_compute_what_they_computed_inside(
+        asr_task, tmp_path, monkeypatch):
+    """export_system of the 1-bit system and of a "1.5-bit" plan (first half 1-bit, decoder 4-bit,
+    ternary as trits): stock Speech2Text on the packed file = the system inside the co-trained model."""
+    from espnet2.bin.asr_inference import Speech2Text
+
+    from espnet_compress.export.system_export import export_system
+
+    monkeypatch.setenv("ESPNET_COMPRESS_KERNEL", "dequant")
+    enc = dict(ENCODER_CONF, quant_conf=ENC1["quant_conf"])
+    exp = _write_experiment(asr_task, tmp_path / "asr", "quantized_conformer", enc, "compressed",
+                            {"ctc_weight": 0.3, "decoder_quant": DEC_Q, "systems": CO_TRAINING, "largest": "bit2",
+                             "kl_target": "hybrid", "kl_reduction": "utterance", "kl_weight": 1.0})
+    model = exp.model
+    model.train()
+    speech = torch.randn(2, 64, 20, generator=torch.Generator().manual_seed(1))
+    loss, _, _ = model(speech.clone(), torch.tensor([64, 50]), torch.tensor([[2, 3, 2], [3, 2, -1]]),
+                       torch.tensor([3, 2]))
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-0.05)
+    model.eval()
+    torch.save(model.state_dict(), exp.checkpoint)
+    half = [i < model.encoder.num_physical_blocks // 2 for i in range(model.encoder.num_physical_blocks)]
+    rules = mix_rules(model.encoder, model.systems["bit2"].plan.blocks, tuple(B2.items()), half, 1, 2)
+    one_speech = speech[:1]
+    for name, kwargs in (("bit1", {"system": "bit1"}),
+                         ("mix15", {"system": None, "plan": {"name": "mix15", "bits": [list(r) for r in rules]},
+                                    "plan_decoder_bits": 4, "ternary_packing": "trits"})):
+        res = export_system(exp.config, exp.checkpoint, out_dir=tmp_path / name, **kwargs)
+        assert res.packed
+        s2t = Speech2Text(asr_train_config=str(res.config), asr_model_file=str(res.model_file), device="cpu",
+                          beam_size=2, ctc_weight=0.3, nbest=1, maxlenratio=0.0)
+        if name == "bit1":
+            model.use_system("bit1")
+        else:
+            model.use_system("bit2")
+            model.encoder.set_plan({"name": "mix15", "bits": [list(r) for r in rules]})
+            set_decoder = [m.bits for m in quantized_modules(model.decoder).values()]
+            assert set(set_decoder) == {4}
+        torch.testing.assert_close(_encode(s2t.asr_model, one_speech), _encode(model, one_speech), atol=1e-5, rtol=0)
+        header = load_packed(res.model_file).header
+        widths = {r["bits"] for r in header["tensors"] if r["name"].startswith("encoder.")}
+        assert widths == ({0, 1, 4} if name == "bit1" else {0, 1, 2, 4})
+        assert {r["bits"] for r in header["tensors"] if r["name"].startswith("decoder.")} == {0, 4}

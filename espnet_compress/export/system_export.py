@@ -36,6 +36,7 @@ from espnet_compress.core.norm_stats import SLOT_CONTAINER, SystemBatchNorm, slo
 from espnet_compress.encoders.elastic import ElasticEncoder
 from espnet_compress.models.compressed_asr import multi_system_options
 from espnet_compress.quant.api import quantized_modules
+from espnet_compress.quant.modules import is_quantizable
 from espnet_compress.quant.quantizers import LearnedScaleQuantizer
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
 from espnet_compress.utils.params import count_parameters
@@ -186,16 +187,19 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
         if any(b for _, b in spec.plan.bits):
             enc_q = encoder.quant_config
             block_key = _block_key(encoder)
-            rules = {}
-            for mod_name in quantized_modules(encoder):
+            def standalone_name(mod_name: str) -> Optional[str]:
                 m = block_key.match(f"encoder.{mod_name}")
-                bits = spec.plan.bits_for(mod_name)
-                if m is not None:
-                    if int(m.group(1)) not in remap:
-                        continue
-                    mod_name = f"{encoder.block_name(remap[int(m.group(1))])}.{m.group(2)}"
-                rules[mod_name] = bits
+                if m is None:
+                    return mod_name
+                return None if int(m.group(1)) not in remap else f"{encoder.block_name(remap[int(m.group(1))])}.{m.group(2)}"
+
+            rules = {standalone_name(n): spec.plan.bits_for(n) for n in quantized_modules(encoder)}
+            rules.pop(None, None)
             enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel}
+            # layers quant_conf.exclude kept fp32 carry no quantizer (nor its parameters) standalone either
+            excluded = [standalone_name(n) for n, m in encoder.named_modules() if n and is_quantizable(m)]
+            if any(excluded):
+                enc["quant_conf"]["exclude"] = [n for n in excluded if n]
         conf["encoder"] = f"elastic_{encoder.FAMILY}"
         enc["plan"] = plan
         conf["model"] = "compressed"
@@ -209,13 +213,16 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
 
 
 def export_system(train_config: Union[str, Path], model_file: Union[str, Path], system: Optional[str],
-                  out_dir: Union[str, Path], plan: Optional[Mapping[str, Any]] = None) -> SystemExport:
+                  out_dir: Union[str, Path], plan: Optional[Mapping[str, Any]] = None,
+                  plan_decoder_bits: int = 0, ternary_packing: str = "bits") -> SystemExport:
     """Write ``out_dir/config.yaml`` and the system's checkpoint (stock ``.pth`` or packed).
 
     ``system`` names one of ``model_conf.systems``; alternatively ``plan`` (``system=None``) is any
     plan the encoder accepts, e.g. ``{"depth": 3}`` or ``{"depth": 6, "path_index": 4}`` for a
-    foldable seed or ``{"blocks": [0, 2]}`` for layer skipping, exported at full precision with the
-    decoder of the largest system. Works for single-system models with an elastic encoder too.
+    foldable seed, ``{"blocks": [0, 2]}`` for layer skipping, or a fixed per-layer precision mix
+    (``bits`` rules), exported with the decoder of the largest system at ``plan_decoder_bits``
+    (0 = full precision). Works for single-system models with an elastic encoder too.
+    ``ternary_packing``: layout of 2-bit codes in a packed export (``bits`` or ``trits``).
     """
     from espnet2.tasks.asr import ASRTask
 
@@ -231,7 +238,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
             raise ValueError(f"{train_config}: exporting a plan needs model 'compressed' with an elastic encoder")
         system = str(plan.get("name", "plan"))
         resolved = model.encoder.check_plan(dict(plan), name=system)  # PlanError names the problem
-        model.systems = dict(model.systems or {}, **{system: SystemSpec(system, resolved)})
+        model.systems = dict(model.systems or {}, **{system: SystemSpec(system, resolved, plan_decoder_bits)})
     elif not getattr(model, "systems", None):
         raise ValueError(f"{train_config}: the model declares no model_conf.systems; nothing to export per system")
     if system not in model.systems:
@@ -252,7 +259,7 @@ def export_system(train_config: Union[str, Path], model_file: Union[str, Path], 
     standalone.load_state_dict({k: state[k] for k in expected}, strict=True)
     if quantized:
         model_path = out_dir / "model.packed.pth"
-        save_packed(standalone, model_path, encodings=encodings)
+        save_packed(standalone, model_path, encodings=encodings, ternary_packing=ternary_packing)
     else:
         model_path = out_dir / "model.pth"
         import io
