@@ -1,0 +1,400 @@
+"""One- and two-bit Conformers (issue 15): co-training and stochastic precision vs training alone.
+
+What it measures on the tiny spoken_commands corpus, every model trained from scratch for the same
+number of epochs as the fp32 baseline through stock ``espnet2.bin.asr_train``:
+
+* ``fp32``: ``train_asr_conformer_tiny.yaml`` (reused from the main job when it has the epochs);
+* ``alone_2bit`` / ``alone_1bit``: ``train_asr_one_bit_{2,1}bit_tiny.yaml`` (std_alpha quantizer,
+  conv module 4-bit, decoder 4-bit), each trained on its own;
+* ``co_*``: ``train_asr_one_bit_cotrain_tiny.yaml``, ONE model co-training a 2-bit teacher, a 1-bit
+  system and a stochastic-precision mix; decoded as 2-bit (``co_bit2``), 1-bit (``co_bit1``) and the
+  fixed "1.5-bit" mix (``co_mix15``: first half of the blocks 1-bit, through ``ESPNET_COMPRESS_PLAN``);
+* ``nostoch_*``: the same without the stochastic system (``..._cotrain_nostoch_tiny.yaml``);
+* optional 8/4-bit reference points (``--wide_bits``): the main job's QAT fine-tunes of the baseline
+  (``train_asr_quantized_conformer_tiny_<n>bit.yaml``, their own schedule), trained here if missing.
+
+Each is decoded by stock ``asr_inference`` (``ESPNET_COMPRESS_SYSTEM``/``ESPNET_COMPRESS_PLAN`` choose
+the system of a co-trained model) and scored with sclite; MAPSSWE (two-sided, alpha 0.05) tests every
+model against the fp32 baseline, each co-trained precision against the same precision trained alone,
+and the co-trained model with the stochastic system against the one without. Sizes are those of the
+packed deployable files (``export_packed`` for single models, ``export_system`` for the systems of a
+co-trained model; ternary codes as trits unless ``--ternary_packing bits``): bytes of the encoder, of
+its Conformer blocks (what the method quantizes; the Conv2d subsampling stays fp32) and of the whole
+file (decoder 4-bit), each also as a ratio to the fp32 model's. Plot: WER against file bytes.
+
+Usage (reusing the main job's corpus, token list, stats and fp32 baseline when compatible)::
+
+    nice -n 19 .venv/bin/python benchmarks/one_bit.py --exp_dir exp/tiny
+    # quick check of the script on a fresh, small corpus (a smoke test, not a result):
+    nice -n 19 .venv/bin/python benchmarks/one_bit.py --exp_dir /tmp/one_bit_check \\
+        --num_train 40 --num_dev 8 --num_test 12 --max_epoch 1 --wide_bits
+
+Restartable: finished trainings, decodes and exports are reused. Outputs: ``<exp_dir>/benchmarks/one_bit/``
+(trainings, decodes, exports, scoring) and ``<exp_dir>/benchmarks/one_bit.{md,json}`` +
+``one_bit_wer_vs_bytes.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import yaml
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from nested_supernet import (  # noqa: E402
+    BASELINE_CONFIG,
+    TrainRecord,
+    add_common_args,
+    begin,
+    check_mirrors_baseline,
+    find_baseline,
+    fmt_seconds,
+    plot_setup,
+    prepare_corpus,
+    save_plot,
+    tagged,
+    timed_train,
+)
+from quantization import _qat_experiment  # noqa: E402
+
+from espnet_compress.env import PLAN, SYSTEM  # noqa: E402
+from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
+from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
+from espnet_compress.utils.io import atomic_write_text  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+ALONE = {2: CONF_DIR / "train_asr_one_bit_2bit_tiny.yaml", 1: CONF_DIR / "train_asr_one_bit_1bit_tiny.yaml"}
+COTRAIN = CONF_DIR / "train_asr_one_bit_cotrain_tiny.yaml"
+COTRAIN_NOSTOCH = CONF_DIR / "train_asr_one_bit_cotrain_nostoch_tiny.yaml"
+#: the fixed per-layer mix decoded from the co-trained models: this fraction of the blocks (the
+#: first ones) at the low precision, the rest at the high one ("1.5-bit")
+MIX_FRACTION = 0.5
+
+
+@dataclasses.dataclass
+class Model:
+    """One decoded model: where its hypotheses are, its deployable file and what it weighs."""
+
+    name: str
+    bits: float  # nominal weight precision of the encoder blocks (32 = fp32)
+    group: str  # fp32 | alone | co-trained | co-trained (no stochastic) | QAT fine-tune
+    decode_dir: Path
+    file: Path
+    file_bytes: int
+    encoder_bytes: int
+    block_bytes: int
+    #: encoder payload by stored width ("fp32" = tensors kept in float: subsampling, norms, biases, alphas)
+    encoder_by_width: Dict[str, int] = dataclasses.field(default_factory=dict)
+    wer: float = float("nan")
+    vs_fp32: str = ""
+    vs_fp32_p: Optional[float] = None
+
+
+# ---------------------------------------------------------------------------------------- sizes
+def fp32_sizes(model_file: Path, blocks_prefix: str) -> Tuple[int, int]:
+    """(encoder bytes, encoder-block bytes) of a float checkpoint (every tensor as stored)."""
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    enc = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("encoder."))
+    blk = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith(blocks_prefix))
+    return enc, blk
+
+
+def packed_sizes(packed_file: Path, blocks_prefix: str) -> Tuple[int, int, Dict[str, int]]:
+    """(encoder bytes, encoder-block bytes, encoder bytes by stored width) of a packed file: its
+    records' payload (codes, scales, fp32 tensors), without the container."""
+    from espnet_compress.quant.packed import load_packed
+
+    records = [r for r in load_packed(packed_file).header["tensors"] if r["name"].startswith("encoder.")]
+    enc = sum(r["nbytes"] for r in records)
+    blk = sum(r["nbytes"] for r in records if r["name"].startswith(blocks_prefix))
+    by_width: Dict[str, int] = {}
+    for r in sorted(records, key=lambda r: r["bits"] or 99):
+        key = f"{r['bits']}-bit" if r["bits"] else "fp32"
+        by_width[key] = by_width.get(key, 0) + r["nbytes"]
+    return enc, blk, by_width
+
+
+def blocks_prefix(config: Path) -> str:
+    """State-dict prefix of the encoder's Conformer blocks (``encoder.encoders.``)."""
+    from espnet2.tasks.asr import ASRTask
+
+    model, _ = ASRTask.build_model_from_file(config, None, "cpu")
+    name = getattr(model.encoder, "blocks_name", "encoders")
+    return f"encoder.{name}."
+
+
+# ---------------------------------------------------------------------------------------- co-trained models
+def mix_plan(config: Path, model_file: Path, high_system: str = "bit2", low_system: str = "bit1",
+             fraction: float = MIX_FRACTION) -> Dict[str, Any]:
+    """The fixed "1.5-bit" plan of a co-trained model: the first ``fraction`` of the blocks as in
+    ``low_system``, the rest as in ``high_system`` (exact module names: widths the two systems share,
+    such as the 4-bit conv module, stay)."""
+    from espnet2.tasks.asr import ASRTask
+
+    from espnet_compress.models.systems import mix_rules
+
+    model, _ = ASRTask.build_model_from_file(config, model_file, "cpu")
+    high_plan, low_plan = model.systems[high_system].plan, model.systems[low_system].plan
+    pairs = {(high_plan.bits_for(n), low_plan.bits_for(n)) for n in model.encoder.quantizable_modules()}
+    switched = {pair for pair in pairs if pair[0] != pair[1]}
+    if len(switched) != 1:
+        raise SystemExit(f"{config}: systems {high_system}/{low_system} differ in more than one pair of widths "
+                         f"{sorted(switched)}; cannot name the mix's low and high precision")
+    (high, low), = switched
+    n = len(high_plan.blocks)
+    flags = [i < round(n * fraction) for i in range(n)]
+    rules = mix_rules(model.encoder, high_plan.blocks, high_plan.bits, flags, low, high)
+    return {"name": "mix15", "bits": [list(r) for r in rules]}
+
+
+def export_co_trained(exp: AsrExperiment, out: Path, systems: Sequence[str], mix: Mapping[str, Any],
+                      decoder_bits: int, ternary_packing: str) -> Dict[str, Path]:
+    """Packed standalone files of the named systems and of the fixed mix (reused when present)."""
+    from espnet_compress.export.system_export import export_system
+
+    files: Dict[str, Path] = {}
+    config, model_file = exp.exp_dir / "config.yaml", exp.exp_dir / exp.inference_model
+    for name in list(systems) + ["mix15"]:
+        sys_dir = out / name
+        done = sys_dir / "export.json"
+        if not done.exists():
+            if name == "mix15":
+                res = export_system(config, model_file, None, sys_dir, plan=dict(mix), plan_decoder_bits=decoder_bits,
+                                    ternary_packing=ternary_packing)
+            else:
+                res = export_system(config, model_file, name, sys_dir, ternary_packing=ternary_packing)
+            atomic_write_text(done, json.dumps({"model_file": str(res.model_file), "packed": res.packed}) + "\n")
+        files[name] = Path(json.loads(done.read_text())["model_file"])
+    return files
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--wide_bits", type=int, nargs="*", default=[8, 4],
+                   help="8/4-bit reference points: the main job's QAT fine-tunes (trained if missing); "
+                        "give no value to skip them (default: %(default)s)")
+    p.add_argument("--skip_nostoch", action="store_true", help="do not train the co-training ablation "
+                                                                 "without stochastic precision")
+    p.add_argument("--ternary_packing", choices=("bits", "trits"), default="trits",
+                   help="layout of 2-bit codes in the packed files (default: %(default)s, 1.6 bits/weight)")
+    args = p.parse_args(argv)
+    train_args = begin(args)
+    exp_dir = args.exp_dir.resolve()
+    bench = exp_dir / "benchmarks" / "one_bit"
+    out = exp_dir / "benchmarks"
+
+    configs = [ALONE[2], ALONE[1], COTRAIN] + ([] if args.skip_nostoch else [COTRAIN_NOSTOCH])
+    drift = {c.name: check_mirrors_baseline(c) for c in configs}
+    drift = {k: v for k, v in drift.items() if v}
+    if drift:
+        log.warning("configs differ from %s outside encoder/model: %s", BASELINE_CONFIG.name, drift)
+
+    template = prepare_corpus(args)
+
+    def experiment(tag: str, config: Path) -> AsrExperiment:
+        return dataclasses.replace(template, exp_dir=bench / f"asr_{tag}", train_config=config.resolve(),
+                                   train_args=train_args)
+
+    # ---- training (same epochs for all but the optional QAT fine-tunes, which keep their schedule)
+    found = find_baseline(exp_dir, args.max_epoch, template.inference_model)
+    baseline = (dataclasses.replace(template, exp_dir=found) if found is not None
+                else experiment("conformer", BASELINE_CONFIG))
+    jobs: Dict[str, Tuple[AsrExperiment, Optional[int]]] = {
+        "fp32": (baseline, args.max_epoch),
+        "alone_2bit": (experiment("alone_2bit", ALONE[2]), args.max_epoch),
+        "alone_1bit": (experiment("alone_1bit", ALONE[1]), args.max_epoch),
+        "co": (experiment("cotrain", COTRAIN), args.max_epoch),
+    }
+    if not args.skip_nostoch:
+        jobs["nostoch"] = (experiment("cotrain_nostoch", COTRAIN_NOSTOCH), args.max_epoch)
+    records: Dict[str, TrainRecord] = {}
+    for name, (exp, epochs) in tqdm(list(jobs.items()), desc="train", unit="model"):
+        records[name] = timed_train(name, exp, epochs)
+    fp32_model = baseline.exp_dir / baseline.inference_model
+    for bits in args.wide_bits:
+        qat = _qat_experiment(exp_dir, bits, baseline)
+        qat = dataclasses.replace(qat, train_args=list(qat.train_args) + list(args.train_args))
+        jobs[f"qat_{bits}bit"] = (qat, None)
+        records[f"qat_{bits}bit"] = timed_train(f"qat_{bits}bit", qat, None)
+
+    # ---- decoding and packed files
+    from espnet_compress.export.packed_export import PACKED_NAME, export_packed
+
+    prefix = blocks_prefix(jobs["alone_1bit"][0].exp_dir / "config.yaml")
+    fp32_enc, fp32_blk = fp32_sizes(fp32_model, prefix)
+    models: List[Model] = []
+
+    def single(name: str, bits: float, group: str, exp: AsrExperiment) -> None:
+        dec = tagged(exp, "one_bit", decode_root=bench / "decodes" / name)
+        dec.decode()
+        model_file = exp.exp_dir / exp.inference_model
+        if bits == 32:
+            file, (enc, blk, by_width) = model_file, (fp32_enc, fp32_blk, {"fp32": fp32_enc})
+        else:
+            packed_dir = bench / "packed" / name
+            if not (packed_dir / PACKED_NAME).exists():
+                export_packed(exp.exp_dir / "config.yaml", model_file, packed_dir, ternary_packing=args.ternary_packing)
+            file = packed_dir / PACKED_NAME
+            enc, blk, by_width = packed_sizes(file, prefix)
+        models.append(Model(name, bits, group, dec.decode_dir(), file, file.stat().st_size, enc, blk, by_width))
+
+    single("fp32", 32, "fp32", baseline)
+    for bits in args.wide_bits:
+        single(f"qat_{bits}bit", bits, "QAT fine-tune", jobs[f"qat_{bits}bit"][0])
+    single("alone_2bit", 2, "alone", jobs["alone_2bit"][0])
+    single("alone_1bit", 1, "alone", jobs["alone_1bit"][0])
+    co_groups = [("co", "co-trained")] + ([] if args.skip_nostoch else [("nostoch", "co-trained, no stochastic")])
+    for key, group in co_groups:
+        exp = jobs[key][0]
+        mix = mix_plan(exp.exp_dir / "config.yaml", exp.exp_dir / exp.inference_model)
+        decoder_bits = yaml.safe_load((exp.exp_dir / "config.yaml").read_text())["model_conf"]["systems"]["bit2"].get(
+            "decoder_bits", 0)
+        files = export_co_trained(exp, bench / "systems" / key, ["bit2", "bit1"], mix, decoder_bits,
+                                  args.ternary_packing)
+        for sys_name, bits, env in (("bit2", 2, {SYSTEM: "bit2"}), ("mix15", 1.5, {PLAN: json.dumps(mix)}),
+                                    ("bit1", 1, {SYSTEM: "bit1"})):
+            name = f"{key}_{sys_name}"
+            dec = tagged(exp, "one_bit", env, decode_root=bench / "decodes" / name)
+            dec.decode()
+            enc, blk, by_width = packed_sizes(files[sys_name], prefix)
+            models.append(Model(name, bits, group, dec.decode_dir(), files[sys_name],
+                                files[sys_name].stat().st_size, enc, blk, by_width))
+
+    # ---- scoring: all vs fp32, co-trained vs alone, stochastic vs not
+    from espnet_compress.scoring.compare import SystemSpec, compare, verdict_text
+
+    by_name = {m.name: m for m in models}
+    specs = {m.name: SystemSpec(m.name, m.decode_dir, m.file) for m in models}
+    score_dir = bench / "compare"
+    vs_fp32 = compare(list(specs.values()), "fp32", template.data_dir, ["test"], score_dir / "all_vs_fp32")
+    for row in vs_fp32.rows:
+        m = by_name[row.spec.name]
+        m.wer = row.wer["test"].wer
+        sig = row.significance["test"]
+        m.vs_fp32, m.vs_fp32_p = verdict_text(sig), None if sig is None else sig.p_value
+    pairs: List[Tuple[str, str]] = []
+    for key, _ in co_groups:
+        pairs += [("alone_2bit", f"{key}_bit2"), ("alone_1bit", f"{key}_bit1")]
+    if not args.skip_nostoch:
+        pairs += [(f"nostoch_{s}", f"co_{s}") for s in ("bit2", "mix15", "bit1")]
+    pairwise = []
+    for base, other in pairs:
+        table = compare([specs[base], specs[other]], base, template.data_dir, ["test"], score_dir / f"{other}_vs_{base}")
+        sig = table.rows[1].significance["test"]
+        pairwise.append({"baseline": base, "system": other, "baseline_wer": table.rows[0].wer["test"].wer,
+                         "system_wer": table.rows[1].wer["test"].wer, "verdict": verdict_text(sig),
+                         "p_value": None if sig is None else sig.p_value,
+                         "significantly_better": bool(sig is not None and sig.significant and sig.better == "system")})
+
+    report = {
+        "max_epoch": args.max_epoch, "ternary_packing": args.ternary_packing,
+        "fp32_encoder_bytes": fp32_enc, "fp32_block_bytes": fp32_blk,
+        "models": [dict(dataclasses.asdict(m), decode_dir=str(m.decode_dir), file=str(m.file)) for m in models],
+        "pairwise": pairwise, "vs_fp32": vs_fp32.to_dict(),
+        "training": {k: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "source": r.source,
+                         "exp_dir": str(r.exp_dir)} for k, r in records.items()},
+        "config_drift": drift,
+    }
+    text = _markdown(models, pairwise, records, args, drift)
+    print(text)
+    atomic_write_text(out / "one_bit.md", text)
+    atomic_write_text(out / "one_bit.json", json.dumps(report, indent=2, default=str) + "\n")
+    _plot(models, out / "one_bit_wer_vs_bytes.png")
+    return 0
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.1f}x" if b else "n/a"
+
+
+def _markdown(models: Sequence[Model], pairwise: Sequence[Dict[str, Any]], records: Mapping[str, TrainRecord],
+              args: argparse.Namespace, drift: Mapping[str, Any]) -> str:
+    fp32 = next(m for m in models if m.name == "fp32")
+    lines = [
+        "## One- and two-bit Conformers: co-training and stochastic precision (issue 15)",
+        "",
+        "| model | group | bits | WER % | MAPSSWE vs fp32 | encoder bytes | fp32/encoder | block bytes | fp32/blocks | "
+        "file bytes | fp32/file |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in models:
+        lines.append(
+            f"| {m.name} | {m.group} | {m.bits:g} | {m.wer:.2f} | {m.vs_fp32} | {m.encoder_bytes:,} | "
+            f"{_ratio(fp32.encoder_bytes, m.encoder_bytes)} | {m.block_bytes:,} | {_ratio(fp32.block_bytes, m.block_bytes)} | "
+            f"{m.file_bytes:,} | {_ratio(fp32.file_bytes, m.file_bytes)} |")
+    widths = sorted({w for m in models for w in m.encoder_by_width}, key=lambda w: (w == "fp32", w))
+    lines += ["", "### Where the encoder's bytes go (payload by stored width; codes include their scale)", "",
+              "| model | " + " | ".join(widths) + " |", "|---|" + "---:|" * len(widths)]
+    for m in models:
+        lines.append(f"| {m.name} | " + " | ".join(f"{m.encoder_by_width.get(w, 0):,}" for w in widths) + " |")
+    lines += ["", "### Pairwise (MAPSSWE, two-sided, alpha 0.05; the first model is the baseline)", "",
+              "| baseline | WER % | system | WER % | verdict |", "|---|---:|---|---:|---|"]
+    for p in pairwise:
+        lines.append(f"| {p['baseline']} | {p['baseline_wer']:.2f} | {p['system']} | {p['system_wer']:.2f} | {p['verdict']} |")
+    co1 = next((p for p in pairwise if p["baseline"] == "alone_1bit" and p["system"] == "co_bit1"), None)
+    co2 = next((m for m in models if m.name == "co_bit2"), None)
+    co1m = next((m for m in models if m.name == "co_bit1"), None)
+    lines += ["", "Targets:"]
+    if co1 is not None:
+        lines.append(f"- co-trained 1-bit significantly better than 1-bit alone: "
+                     f"{'met' if co1['significantly_better'] else 'NOT met'} ({co1['verdict']}).")
+    if co2 is not None:
+        lossless = co2.vs_fp32 == "lossless" or co2.vs_fp32.startswith("better")
+        lines.append(f"- co-trained 2-bit without significant WER increase over fp32: "
+                     f"{'met' if lossless else 'NOT met'} ({co2.vs_fp32}).")
+    if co1m is not None:
+        enc_ratio = fp32.encoder_bytes / co1m.encoder_bytes
+        lines.append(f"- 1-bit encoder >= 28x smaller than fp32's: {'met' if enc_ratio >= 28 else 'NOT met'} "
+                     f"({enc_ratio:.1f}x for the whole encoder, "
+                     f"{fp32.block_bytes / co1m.block_bytes:.1f}x for its Conformer blocks; the Conv2d subsampling, "
+                     f"biases and norms stay fp32); whole file with the 4-bit decoder "
+                     f"{fp32.file_bytes / co1m.file_bytes:.1f}x.")
+    times = ", ".join(f"{k}: {fmt_seconds(r.seconds)} s wall / {fmt_seconds(r.cpu_seconds)} s CPU ({r.source})"
+                      for k, r in records.items())
+    lines += [
+        "",
+        f"Epochs: {'configs default' if args.max_epoch is None else args.max_epoch} for fp32, alone and co-trained "
+        f"models (QAT 8/4-bit points: their own fine-tune schedule from the fp32 checkpoint). Bytes: packed files "
+        f"(ternary as {args.ternary_packing}); encoder/block bytes are the payload of their tensors (codes, scales, "
+        f"fp32 tensors), file bytes the whole file. Co-trained systems are decoded from their one checkpoint "
+        f"(ESPNET_COMPRESS_SYSTEM; the 1.5-bit mix via ESPNET_COMPRESS_PLAN, first half of the blocks 1-bit) and "
+        f"exported with export_system. Training time: {times}.",
+    ]
+    if drift:
+        lines += ["", f"WARNING: configs differ from the baseline outside encoder/model: {dict(drift)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(models: Sequence[Model], path: Path) -> None:
+    plt = plot_setup()
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    markers = {"fp32": "*", "QAT fine-tune": "D", "alone": "s", "co-trained": "o", "co-trained, no stochastic": "^"}
+    for i, group in enumerate(markers):
+        ms = [m for m in models if m.group == group]
+        if not ms:
+            continue
+        ax.scatter([m.file_bytes / 1e6 for m in ms], [m.wer for m in ms], marker=markers[group], color=f"C{i}",
+                   label=group, zorder=2)
+        for m in ms:
+            ax.annotate(f"{m.bits:g}", (m.file_bytes / 1e6, m.wer), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_xscale("log")
+    save_plot(fig, ax, path, "packed file size (MB, log scale; labels: encoder bits)", "WER (%)",
+              "spoken_commands test: WER vs bytes, 32/8/4/2/1.5/1 bits")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
