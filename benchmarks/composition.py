@@ -46,6 +46,7 @@ from nested_supernet import (  # noqa: E402
 )
 
 from espnet_compress.export.system_export import export_system  # noqa: E402
+from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
 from espnet_compress.scoring.compare import SystemSpec, compare, verdict_text  # noqa: E402
 from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
@@ -93,8 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = compare(specs, "baseline4", template.data_dir, ["test"], bench / "compare")
     base_bytes = base_file.stat().st_size
     one_file = (composed.exp_dir / composed.inference_model).stat().st_size
-    trained = {name: f"{yaml.safe_load((r.exp_dir / 'config.yaml').read_text())['max_epoch']} epochs, "
-                     f"{(r.cpu_seconds or 0):.0f} s CPU" for name, r in records.items()}
+    trained = {name: f"{training_summary(r.exp_dir).describe()}, {(r.cpu_seconds or 0):.0f} s CPU"
+               for name, r in records.items()}
     rows = []
     for row in table.rows:
         sig = row.significance.get("test")

@@ -41,7 +41,9 @@ def tiny_run(tmp_path_factory):
     cfg = TinyRunConfig(
         out_dir=tmp / "exp",
         systems=[TinySystem("conformer", _tiny_config(tmp, "conformer")),
-                 TinySystem("qat_4bit", _tiny_config(tmp, "quantized_conformer", bits=4), "conformer", packed=True)],
+                 TinySystem("fp32_ft", _tiny_config(tmp, "conformer"), "conformer"),
+                 TinySystem("qat_4bit", _tiny_config(tmp, "quantized_conformer", bits=4), "conformer", packed=True,
+                            control="fp32_ft")],
         reloaded=[ReloadedSystem("elastic_conformer", "conformer", "elastic_conformer")],
         baseline="conformer", num_train=40, num_dev=8, num_test=12, nj=2,
     )
@@ -52,7 +54,7 @@ def tiny_run(tmp_path_factory):
 def test_report_and_table(tiny_run):
     cfg, table = tiny_run
     out = Path(cfg.out_dir)
-    assert [r.spec.name for r in table.rows] == ["conformer", "elastic_conformer", "qat_4bit"]
+    assert [r.spec.name for r in table.rows] == ["conformer", "elastic_conformer", "fp32_ft", "qat_4bit"]
     data = json.loads((out / "compare" / "compare.json").read_text())
     assert data["baseline"] == "conformer"
     for system in data["systems"]:
@@ -64,14 +66,31 @@ def test_report_and_table(tiny_run):
     assert "train:elastic_conformer" not in report
     stages = [s["name"] for s in json.loads((out / "stages.json").read_text())]
     assert stages == ["data", "token_list", "collect_stats", "train:conformer", "decode:conformer",
-                      "reload:elastic_conformer", "decode:elastic_conformer", "train:qat_4bit",
-                      "export_packed:qat_4bit", "decode:qat_4bit", "score"]
+                      "reload:elastic_conformer", "decode:elastic_conformer", "train:fp32_ft", "decode:fp32_ft",
+                      "train:qat_4bit", "export_packed:qat_4bit", "decode:qat_4bit", "score"]
+
+
+def test_controlled_verdict_and_what_each_system_trained_for(tiny_run):
+    """The QAT fine-tune is also tested against its equal-compute fp32 control, and the report
+    says what every system was trained for and shows the dev-accuracy curve."""
+    cfg, _ = tiny_run
+    out = Path(cfg.out_dir)
+    data = json.loads((out / "compare_vs_fp32_ft" / "compare.json").read_text())
+    assert data["baseline"] == "fp32_ft" and [s["name"] for s in data["systems"]] == ["fp32_ft", "qat_4bit"]
+    report = (out / "report.md").read_text()
+    assert "## Against the equal-compute control `fp32_ft`" in report
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in report.splitlines() if line.startswith("| ") and "2 epochs (no early stopping)" in line}
+    assert set(rows) == {"conformer", "fp32_ft", "qat_4bit"}
+    assert rows["conformer"][0] == "scratch" and rows["qat_4bit"][0] == "conformer"
+    assert all(r[2] == "2" and int(r[4]) > 0 for r in rows.values())  # epochs run, updates
+    assert "![dev accuracy per epoch](dev_acc.png)" in report and (out / "dev_acc.png").stat().st_size > 0
 
 
 def test_qat_system_is_decoded_from_its_packed_checkpoint(tiny_run):
     cfg, table = tiny_run
     out = Path(cfg.out_dir)
-    row = table.rows[2]
+    row = next(r for r in table.rows if r.spec.name == "qat_4bit")
     assert row.spec.model_file == out / "asr_qat_4bit" / "packed" / "model.packed.pth"
     assert (out / "asr_qat_4bit" / "train.log").read_text().count("--init_param") >= 1
     fp32 = out / "asr_qat_4bit" / "valid.acc.best.pth"
@@ -118,7 +137,7 @@ def test_rerun_skips_every_finished_stage(tiny_run):
                out / "asr_stats" / "train" / "feats_stats.npz", *out.glob("asr_*/valid.acc.best.pth"),
                out / "asr_elastic_conformer" / "config.yaml", out / "asr_qat_4bit" / "packed" / "model.packed.pth",
                *out.glob("asr_*/**/decode_*/test/text")]
-    assert len(outputs) == 11
+    assert len(outputs) == 13  # 4 trained systems (baseline, fp32 control, 8- and 4-bit QAT) + their decodes
     before = {p: p.stat().st_mtime_ns for p in outputs}
     rerun = run_tiny(cfg)
     assert [r.wer["test"].wer for r in rerun.rows] == [r.wer["test"].wer for r in table.rows]

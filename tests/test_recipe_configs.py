@@ -222,6 +222,38 @@ def test_qat_configs_differ_from_their_baseline_only_where_intended():
             assert qat["optim_conf"]["lr"] < base["optim_conf"]["lr"], (corpus, bits)
 
 
+#: what a tiny config may change: the network (encoder, model and their options), ESPnet's parameter
+#: freezing; everything else is the baseline's training setting, so every twin and baseline trains
+#: on the same data settings and stops by the same rule
+NETWORK_KEYS = ("encoder", "encoder_conf", "model", "model_conf", "freeze_param")
+#: a fine-tune (from the baseline's checkpoint) has its own schedule: the fp32 control's
+SCHEDULE_KEYS = ("max_epoch", "patience", "early_stopping_criterion", "optim", "optim_conf", "scheduler",
+                 "scheduler_conf")
+TINY = REPO / "conf" / "spoken_commands"
+TINY_CONFIGS = sorted(TINY.glob("train_*.yaml"))
+#: fine-tunes whose schedule is knowingly not the control's (each needs its own control)
+_DARTS_ARCH = "DARTS stage 2: trains only alpha (constant-rate Adam), not a fine-tune"
+OWN_SCHEDULE = {
+    "train_asr_quantized_conformer_tiny_2bit.yaml": "6 epochs: no fp32 control trains as long",
+    **{f"train_asr_searchable_conformer_tiny{v}_stage2.yaml": _DARTS_ARCH for v in ("", "_rank", "_both")},
+}
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=_ids(TINY_CONFIGS))
+def test_tiny_configs_share_the_baselines_training_settings(config):
+    """Configs cannot include one another, so this test is the single source of truth's guard: a
+    tiny config differs from the fp32 baseline only in its network, or, for a fine-tune from the
+    baseline, in the schedule of the equal-compute fp32 control (same epochs, same optimiser)."""
+    base = _yaml(TINY / "train_asr_conformer_tiny.yaml")
+    control = _yaml(TINY / "train_asr_conformer_tiny_finetune.yaml")
+    conf = _yaml(config)
+    differs = {k for k in set(base) | set(conf) if base.get(k) != conf.get(k)} - set(NETWORK_KEYS)
+    if differs & set(SCHEDULE_KEYS) and config.name not in OWN_SCHEDULE:
+        mismatched = [k for k in SCHEDULE_KEYS if conf.get(k) != control.get(k)]
+        assert not mismatched, f"{config.name}: a fine-tune must use the control's schedule; differs in {mismatched}"
+    assert differs <= set(SCHEDULE_KEYS), f"{config.name}: differs from the baseline in {sorted(differs)}"
+
+
 # ------------------------------------------------------------------ decoding configs
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=_ids(DECODE_CONFIGS))
 def test_decode_config_parses_with_asr_inference(config, tmp_path):

@@ -155,6 +155,31 @@ def read_curve(exp_dir: Path) -> Curve:
     raise FileNotFoundError(f"{exp_dir}: no checkpoint.pth or train.log to read a training curve from")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSummary:
+    """What one ESPnet training ran: the facts a table needs beside each verdict."""
+
+    rule: StoppingRule
+    epochs: int
+    kept_epoch: int
+    updates: int
+
+    def describe(self) -> str:
+        return f"{self.epochs} epochs (kept {self.kept_epoch}), {self.updates} updates"
+
+
+def training_summary(exp_dir: Path) -> TrainingSummary:
+    """Epochs run, the epoch whose checkpoint is kept and the optimizer updates (ESPnet's cumulative
+    ``total_count``) of the training in ``exp_dir``, under the rule of its ``config.yaml``."""
+    import yaml
+
+    exp_dir = Path(exp_dir)
+    curve = read_curve(exp_dir)
+    rule = StoppingRule.from_config(yaml.safe_load((exp_dir / "config.yaml").read_text()))
+    last = rule.stop_epoch(curve)
+    return TrainingSummary(rule, last, rule.best_epoch(curve), int(curve[last].get("train", {}).get("total_count", 0)))
+
+
 def plot_curves(curves: Mapping[str, Curve], path: Path, rule: Optional[StoppingRule] = None,
                 key: Tuple[str, str] = ("valid", "acc")) -> Path:
     """Dev accuracy (or ``key``) per epoch of each run, the rule's stop and best epochs marked."""

@@ -27,6 +27,7 @@ import yaml
 from espnet_compress.corpus.kaldi_dir import CORPUS_SUBSETS
 from espnet_compress.corpus.spoken_commands import generate_corpus
 from espnet_compress.export.packed_export import PACKED_NAME, export_packed
+from espnet_compress.pipeline.convergence import StoppingRule, TrainingSummary, plot_curves, read_curve, training_summary
 from espnet_compress.pipeline.data import SYNTHETIC_DATA, UserCorpus, resolve_corpus
 from espnet_compress.pipeline.stages import AsrExperiment, Stage, collect_stats, make_token_list, read_config, timed
 from espnet_compress.scoring.compare import ComparisonTable, SystemSpec, compare
@@ -49,12 +50,16 @@ class TinySystem:
             e.g. QAT fine-tuning from the fp32 baseline.
         packed: export with ``export_packed`` and decode/score the *packed* checkpoint through the
             stock ``asr_inference`` (so the table shows real bytes on disk).
+        control: the system trained with the same compute (same start, epochs and schedule) that
+            this one's verdict is made against, besides the baseline: a QAT fine-tune trains longer
+            than the baseline, so "as good as the baseline" may only measure the extra epochs.
     """
 
     name: str
     config: Path
     init_from: Optional[str] = None
     packed: bool = False
+    control: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +82,17 @@ class ReloadedSystem:
     encoder: str
 
 
-#: The main job: the fp32 stock baseline and QAT fine-tunes of it exported as packed 8- and 4-bit
-#: checkpoints; the elastic core is the baseline's checkpoint reloaded (no training).
+#: The main job: the fp32 stock baseline (trained to its early-stopping rule), QAT fine-tunes of it
+#: exported as packed 8- and 4-bit checkpoints, and their equal-compute control (the baseline
+#: fine-tuned in fp32 for the same epochs with the same schedule); the elastic core is the
+#: baseline's checkpoint reloaded (no training).
 DEFAULT_SYSTEMS: Tuple[TinySystem, ...] = (
     TinySystem("conformer", CONF_DIR / "train_asr_conformer_tiny.yaml"),
-    TinySystem("qat_8bit", CONF_DIR / "train_asr_quantized_conformer_tiny_8bit.yaml", "conformer", True),
-    TinySystem("qat_4bit", CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml", "conformer", True),
+    TinySystem("fp32_finetune", CONF_DIR / "train_asr_conformer_tiny_finetune.yaml", "conformer"),
+    TinySystem("qat_8bit", CONF_DIR / "train_asr_quantized_conformer_tiny_8bit.yaml", "conformer", True,
+               "fp32_finetune"),
+    TinySystem("qat_4bit", CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml", "conformer", True,
+               "fp32_finetune"),
 )
 DEFAULT_RELOADED: Tuple[ReloadedSystem, ...] = (ReloadedSystem("elastic_conformer", "conformer", "elastic_conformer"),)
 
@@ -120,6 +130,8 @@ class TinyRunConfig:
                 raise FileNotFoundError(f"system '{system.name}': training config {system.config} does not exist")
             if system.init_from is not None and system.init_from not in names[:i]:
                 raise ValueError(f"system '{system.name}': init_from '{system.init_from}' must be a system listed before it")
+            if system.control is not None and system.control not in names[:i]:
+                raise ValueError(f"system '{system.name}': control '{system.control}' must be a system listed before it")
         packed = [s.name for s in self.systems if s.packed]
         for reloaded in self.reloaded:
             if reloaded.source not in names:
@@ -201,10 +213,17 @@ def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
     specs = [SystemSpec(name=n, decode_dir=decoded[n].decode_dir(),
                         model_file=decoded[n].exp_dir / decoded[n].inference_model) for n in _table_order(cfg)]
     tables: List[ComparisonTable] = []
+    controlled: List[ComparisonTable] = []
+
+    by_name = {spec.name: spec for spec in specs}
 
     def score() -> bool:
-        """sclite + MAPSSWE; always rerun (seconds), as a rerun may have decoded more systems."""
+        """sclite + MAPSSWE against the baseline, then each controlled system against its control;
+        always rerun (seconds), as a rerun may have decoded more systems."""
         tables.append(compare(specs, cfg.baseline, data, ["test"], out / "compare"))
+        for control, members in _controlled(cfg).items():
+            controlled.append(compare([by_name[control]] + [by_name[m] for m in members], control, data, ["test"],
+                                      out / f"compare_vs_{control}"))
         return True
 
     plan.append(PlannedStage("score", score, 2 * PROGRAM_START_SECONDS))
@@ -214,8 +233,45 @@ def run_tiny(cfg: TinyRunConfig) -> ComparisonTable:
     identities = [_identity(r, decoded[r.source], decoded[r.name]) for r in cfg.reloaded]
     stages = _with_previous_timings(stages, out / "stages.json")
     packed_reports = [out / f"asr_{s.name}" / "packed" / "size_report.json" for s in cfg.systems if s.packed]
-    atomic_write_text(out / "report.md", _report(cfg, corpus, stages, table, identities, packed_reports))
+    trainings = [_training_row(s, experiments[s.name], stages) for s in cfg.systems]
+    curve_plot = _plot_scratch_curves(cfg, experiments, out / "dev_acc.png")
+    atomic_write_text(out / "report.md", _report(cfg, corpus, stages, table, identities, packed_reports,
+                                                 controlled, trainings, curve_plot))
     return table
+
+
+def _controlled(cfg: TinyRunConfig) -> Dict[str, List[str]]:
+    """control -> the systems whose verdict is made against it, in listing order."""
+    groups: Dict[str, List[str]] = {}
+    for system in cfg.systems:
+        if system.control is not None:
+            groups.setdefault(system.control, []).append(system.name)
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRow:
+    """What one system was trained for: the numbers every table's reader needs to judge a verdict."""
+
+    name: str
+    init_from: Optional[str]
+    summary: TrainingSummary
+    seconds: Optional[float]
+
+
+def _training_row(system: TinySystem, exp: AsrExperiment, stages: Sequence[Stage]) -> TrainingRow:
+    seconds = next((s.seconds for s in stages if s.name == f"train:{system.name}" and not s.skipped), None)
+    return TrainingRow(system.name, system.init_from, training_summary(exp.exp_dir), seconds)
+
+
+def _plot_scratch_curves(cfg: TinyRunConfig, experiments: Dict[str, AsrExperiment], path: Path) -> Optional[Path]:
+    """Dev accuracy per epoch of the systems trained from scratch (fine-tunes restart at epoch 1 and
+    would not share the axis), with the baseline's stopping rule marked: did it reach its plateau?"""
+    scratch = {s.name: read_curve(experiments[s.name].exp_dir) for s in cfg.systems if s.init_from is None}
+    if not scratch:
+        return None
+    baseline = experiments.get(cfg.baseline, experiments[cfg.systems[0].name])
+    return plot_curves(scratch, path, StoppingRule.from_config(read_config(baseline.exp_dir / "config.yaml")))
 
 
 def _experiments(cfg: TinyRunConfig, out: Path, data: Path) -> Dict[str, AsrExperiment]:
@@ -380,7 +436,9 @@ def _make_data(cfg: TinyRunConfig, data: Path) -> bool:
 
 
 def _report(cfg: TinyRunConfig, corpus: Optional[UserCorpus], stages: Sequence[Stage], table: ComparisonTable,
-            identities: Sequence[Identity] = (), packed_reports: Sequence[Path] = ()) -> str:
+            identities: Sequence[Identity] = (), packed_reports: Sequence[Path] = (),
+            controlled: Sequence[ComparisonTable] = (), trainings: Sequence[TrainingRow] = (),
+            curve_plot: Optional[Path] = None) -> str:
     if corpus is None:
         corpus_line = (f"Corpus: synthetic spoken_commands, seed {cfg.seed}, {cfg.num_train} train / {cfg.num_dev} dev / "
                        f"{cfg.num_test} test utterances (test voices unseen in training).")
@@ -396,6 +454,29 @@ def _report(cfg: TinyRunConfig, corpus: Optional[UserCorpus], stages: Sequence[S
         "",
         table.to_markdown(),
     ]
+    for control in controlled:
+        lines += [f"## Against the equal-compute control `{control.baseline}`",
+                  "",
+                  f"These systems trained longer than the baseline they start from; `{control.baseline}` started from "
+                  "the same checkpoint and trained as long with the same schedule in fp32, so this verdict is what "
+                  "quantization costs.",
+                  "",
+                  control.to_markdown()]
+    if trainings:
+        lines += [
+            "## What each system was trained for",
+            "",
+            "| system | initialised from | rule | epochs run | kept epoch | updates | training wall s |",
+            "|---|---|---|---:|---:|---:|---:|",
+            *[f"| {t.name} | {t.init_from or 'scratch'} | {t.summary.rule.describe()} | {t.summary.epochs} | "
+              f"{t.summary.kept_epoch} | {t.summary.updates} | "
+              f"{'reused' if t.seconds is None else f'{t.seconds:.0f}'} |" for t in trainings],
+            "",
+            "Updates: optimizer steps of that training alone (a fine-tune adds them to its parent's).",
+            "",
+        ]
+    if curve_plot is not None:
+        lines += [f"![dev accuracy per epoch]({curve_plot.name})", ""]
     if identities:
         lines += [
             "## Reloaded systems (no training): the source's checkpoint decoded with another encoder class",
