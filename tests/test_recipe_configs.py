@@ -394,3 +394,15 @@ def test_print_config_cli_with_the_plugin(cli_print_config):
     assert printed["encoder_conf"]["quant_conf"]["bits"] == 4
     assert printed["model_conf"]["decoder_quant"]["bits"] == 4
     assert printed["encoder_conf"]["num_blocks"] == 12 and printed["encoder_conf"]["linear_units"] == 2048
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=_ids(TINY_CONFIGS))
+def test_tiny_configs_stopping_rule_is_one_espnet_accepts(config):
+    """asr_train reads ``early_stopping_criterion`` from a config without checking its shape and
+    fails only when the first epoch ends (a list of lists, as for ``best_model_criterion``, crashes
+    ``Reporter.check_early_stopping``); the rule must be one flat [phase, key, min|max]."""
+    from espnet_compress.pipeline.convergence import StoppingRule
+
+    rule = StoppingRule.from_config(_yaml(config))
+    assert all(isinstance(part, str) for part in rule.criterion), f"{config.name}: {rule.criterion}"
+    assert rule.patience in (None, 5), f"{config.name}: patience {rule.patience}"
