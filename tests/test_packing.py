@@ -265,5 +265,5 @@ def test_freeze_for_inference_keeps_outputs(kernel):
 
 
 def test_freeze_rejects_unknown_kernel():
-    with pytest.raises(ValueError, match=r"unknown kernel 'fast'; allowed: \['auto', 'dequant', 'int8', 'int4'\]"):
+    with pytest.raises(ValueError, match=r"unknown kernel 'fast' \(ESPNET_COMPRESS_KERNEL\); allowed: \['auto', 'dequant', 'int8', 'int4', 'qdyn'\]"):
         freeze_for_inference(_encoder({"bits": 4}), "fast")

@@ -1,4 +1,4 @@
-"""``quantize_(module, QuantConfig)``: attach weight quantizers to every matching Linear/Conv1d.
+"""``quantize_(module, QuantConfig)``: attach weight quantizers to every matching layer.
 
 Shaped like torchao's ``quantize_(model, config)``: one call converts a built model in place, the
 config says which modules and how. Bit widths themselves are *not* fixed here: they are chosen per
@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from espnet_compress.core.plan import bits_for, bits_rules
-from espnet_compress.quant.modules import attach_quantizer, is_quantizable
+from espnet_compress.quant.modules import attach_quantizer, is_quantizable, layer_kind
 from espnet_compress.quant.quantizers import QUANTIZERS, SUPPORTED_BITS, WeightQuantizer, check_bits
 
 
@@ -35,6 +35,12 @@ class QuantConfig:
         bit_choices: every width a plan may later select for these weights; defaults to the widths
             named in ``bits``. Nested setups list all their systems' precisions here.
         exclude: module-name patterns never quantized (checked before ``bits``).
+        conv2d: also quantize Conv2d layers (the ``conv2d*`` subsampling input layer of the
+            encoder: about as many MACs as all FFNs, and the largest fp32 group of a 4-bit file).
+        embedding: also quantize Embedding layers (the decoder's token embedding).
+        output_layer: quantize the layer named ``output_layer`` (the decoder's vocabulary
+            projection); ``false`` keeps it fp32 (it is quantized by default, as before).
+    Linear and Conv1d layers are always candidates; ``per_channel`` applies to every kind.
     """
 
     bits: Tuple[Tuple[str, int], ...] = (("*", 8),)
@@ -42,6 +48,9 @@ class QuantConfig:
     per_channel: bool = False
     bit_choices: Tuple[int, ...] = ()
     exclude: Tuple[str, ...] = ()
+    conv2d: bool = False
+    embedding: bool = False
+    output_layer: bool = True
 
     @classmethod
     def from_config(cls, conf: Optional[Mapping[str, Any]], where: str = "quant_conf") -> "QuantConfig":
@@ -66,6 +75,9 @@ class QuantConfig:
         return cls(**kwargs).validate(where)
 
     def validate(self, where: str = "quant_conf") -> "QuantConfig":
+        for option in SWITCHES:
+            if not isinstance(getattr(self, option), bool):
+                raise QuantConfigError(f"{where}.{option}: expected true or false, got {getattr(self, option)!r}")
         if self.method not in QUANTIZERS:
             raise QuantConfigError(f"{where}: unknown method '{self.method}'; allowed: {sorted(QUANTIZERS)}")
         if self.per_channel and self.method != "max":
@@ -89,6 +101,13 @@ class QuantConfig:
     def excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
+    def selects(self, name: str, module: torch.nn.Module) -> bool:
+        """Whether ``quantize_`` quantizes this module: a quantizable kind switched on, not excluded."""
+        kind = layer_kind(module)
+        if not is_quantizable(module) or self.excluded(name) or not getattr(self, SWITCHES.get(kind, ""), True):
+            return False
+        return self.output_layer or name.rsplit(".", 1)[-1] != "output_layer"
+
     def make_quantizer(self) -> WeightQuantizer:
         cls = QUANTIZERS[self.method]
         if self.method == "max":
@@ -96,12 +115,17 @@ class QuantConfig:
         return cls(self.choices())
 
 
+#: boolean ``QuantConfig`` options that switch a layer kind of ``modules.LAYER_KINDS`` on
+#: (``output_layer`` is by name, not kind)
+SWITCHES: Dict[str, str] = {"conv2d": "conv2d", "embedding": "embedding", "output_layer": "output_layer"}
+
+
 def quantize_(root: torch.nn.Module, config: QuantConfig) -> Dict[str, torch.nn.Module]:
-    """Attach quantizers to every Linear/Conv1d under ``root`` not excluded; set their bits from
-    ``config.bits``. Returns the quantized modules by name (relative to ``root``)."""
+    """Attach quantizers to every selected layer under ``root`` (:meth:`QuantConfig.selects`); set
+    their bits from ``config.bits``. Returns the quantized modules by name (relative to ``root``)."""
     done: Dict[str, torch.nn.Module] = {}
     for name, module in list(root.named_modules()):
-        if not name or not is_quantizable(module) or config.excluded(name):
+        if not name or not config.selects(name, module):
             continue
         attach_quantizer(module, config.make_quantizer())
         module.set_bits(config.bits_for(name))
