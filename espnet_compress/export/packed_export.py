@@ -173,6 +173,7 @@ def size_summary(header: Mapping[str, Any], source_bytes: int, packed_file_bytes
         "blob_bytes": header["blob_bytes"],
         "container_overhead_bytes": packed_file_bytes - header["blob_bytes"],
         "groups": size_report(header),
+        "tensor_groups": tensor_groups(header),
         "quantized_weights": {
             "tensors": len(quantized),
             "params": q_params,
@@ -183,6 +184,38 @@ def size_summary(header: Mapping[str, Any], source_bytes: int, packed_file_bytes
         "bits_histogram": histogram,
         "scale_dtype": header["scale_dtype"],
     }
+
+
+#: size-report groups, in report order: (group, state-dict name prefixes); full-precision biases and
+#: norms go to NORMS_GROUP whatever their prefix, anything unmatched to "other"
+TENSOR_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("front end", ("encoder.embed.",)),
+    ("encoder blocks", ("encoder.encoders.",)),
+    ("decoder blocks", ("decoder.decoders.",)),
+    ("embedding", ("decoder.embed.",)),
+    ("output layer", ("decoder.output_layer.",)),
+)
+NORMS_GROUP = "norms/biases"
+
+
+def tensor_group(name: str, bits: int) -> str:
+    """The size-report group of one state-dict entry (see :data:`TENSOR_GROUPS`)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if not bits and (leaf == "bias" or "norm" in name):
+        return NORMS_GROUP
+    return next((g for g, prefixes in TENSOR_GROUPS if name.startswith(prefixes)), "other")
+
+
+def tensor_groups(header: Mapping[str, Any]) -> Dict[str, Dict[str, int]]:
+    """Bytes, tensors and quantized tensors per :func:`tensor_group`, every group listed (0 if empty),
+    so a layer left in fp32 shows up as bytes where codes were expected."""
+    out = {g: {"tensors": 0, "quantized": 0, "bytes": 0} for g in [*(g for g, _ in TENSOR_GROUPS), NORMS_GROUP, "other"]}
+    for rec in header["tensors"]:
+        entry = out[tensor_group(rec["name"], rec["bits"])]
+        entry["tensors"] += 1
+        entry["quantized"] += int(bool(rec["bits"]))
+        entry["bytes"] += rec["nbytes"]
+    return out
 
 
 def size_markdown(report: Mapping[str, Any], title: str) -> str:
@@ -199,7 +232,13 @@ def size_markdown(report: Mapping[str, Any], title: str) -> str:
         f"{qw['fp32_bytes']:,} bytes at fp32 -> {qw['packed_bytes']:,} bytes packed (codes + scales): "
         f"**{qw['ratio']:.2f}x**",
         "",
-        "| tensor group | bytes |",
+        "| tensor group | tensors | quantized | bytes | share of payload |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {group} | {e['tensors']} | {e['quantized']} | {e['bytes']:,} | "
+          f"{e['bytes'] / max(report['blob_bytes'], 1):.1%} |"
+          for group, e in report.get("tensor_groups", {}).items()),
+        "",
+        "| stored as | bytes |",
         "|---|---:|",
         *(f"| {group} | {nbytes:,} |" for group, nbytes in report["groups"].items()),
         "",

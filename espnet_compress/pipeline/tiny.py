@@ -429,6 +429,20 @@ def _packed_row(report: Path) -> str:
             f"{r['ratio_overall']:.2f}x | {r['quantized_weights']['ratio']:.2f}x |")
 
 
+def _packed_groups_table(reports: Sequence[Path]) -> List[str]:
+    """Bytes of every tensor group (front end, blocks, embedding, output layer, norms/biases,
+    other) per packed system: shows where a file is still far from the bit-width limit."""
+    rows = [(p.parent.parent.name[len("asr_"):], json.loads(p.read_text()).get("tensor_groups")) for p in reports]
+    rows = [(name, groups) for name, groups in rows if groups]
+    if not rows:
+        return []
+    names = list(rows[0][1])
+    return ["Bytes per tensor group (quantized tensors / tensors in the group):", "",
+            "| system | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+            *(f"| {system} | " + " | ".join(f"{g[n]['bytes']:,} ({g[n]['quantized']}/{g[n]['tensors']})" for n in names)
+              + " |" for system, g in rows), ""]
+
+
 def _make_data(cfg: TinyRunConfig, data: Path) -> bool:
     reports = generate_corpus(data, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
                               num_test=cfg.num_test, nj=cfg.nj, progress=True)
@@ -497,6 +511,7 @@ def _report(cfg: TinyRunConfig, corpus: Optional[UserCorpus], stages: Sequence[S
         "|---|---:|---:|---:|---:|",
         *[_packed_row(p) for p in packed_reports if p.exists()],
         "",
+        *_packed_groups_table([p for p in packed_reports if p.exists()]),
         "## Stage wall times",
         "",
         "| stage | seconds | note |",

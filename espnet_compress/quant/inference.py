@@ -255,7 +255,7 @@ def _fastest(timings: Mapping[str, float]) -> str:
 
 def _build(path: str, module: torch.nn.Module, codes: torch.Tensor, scale: torch.Tensor,
            bits: int = 8) -> torch.nn.Module:
-    bias = module.bias
+    bias = getattr(module, "bias", None)  # Embedding has none
     if path == "qdyn":
         return DynamicInt8Linear(codes, scale, bias, bits)
     if path == "int8":
