@@ -32,7 +32,8 @@ FEAT, VOCAB = 20, 12
 def _model(per_channel: bool = True, seed: int = 0, **switches: Any) -> CompressedASRModel:
     torch.manual_seed(seed)
     enc_q: Dict[str, Any] = {"bits": {"embed.*": 8, "*": 4}, "per_channel": per_channel, "conv2d": True}
-    dec_q: Dict[str, Any] = {"bits": {"embed.*": 8, "*": 4}, "per_channel": per_channel, "embedding": True}
+    dec_q: Dict[str, Any] = {"bits": {"embed.*": 8, "*": 4}, "per_channel": per_channel, "embedding": True,
+                             "ctc": True}
     dec_q.update(switches)
     encoder = QuantizedConformerEncoder(FEAT, quant_conf=enc_q, **tiny_conformer_options())
     decoder = TransformerDecoder(VOCAB, 32, attention_heads=2, linear_units=48, num_blocks=1, dropout_rate=0.0,
@@ -60,6 +61,7 @@ def test_front_end_embedding_output_layer_round_trip_equals_fake_quant(per_chann
     q = quantized_modules(qat)
     assert isinstance(q["encoder.embed.conv.0"], QuantConv2d) and isinstance(q["encoder.embed.conv.2"], QuantConv2d)
     assert isinstance(q["decoder.embed.0"], QuantEmbedding) and isinstance(q["decoder.output_layer"], QuantLinear)
+    assert isinstance(q["ctc.ctc_lo"], QuantLinear)
     reference = _outputs(qat)
     header, blob = pack_model(qat)
     state = {MAGIC: json.dumps(header), "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
@@ -74,6 +76,7 @@ def test_front_end_embedding_output_layer_round_trip_equals_fake_quant(per_chann
     groups = size_summary(header, 1, 1)["tensor_groups"]
     assert groups["front end"]["quantized"] == 3 and groups["embedding"]["quantized"] == 1
     assert groups["output layer"]["quantized"] == 1 and groups["norms/biases"]["quantized"] == 0
+    assert groups["ctc"]["quantized"] == 1
     assert sum(g["bytes"] for g in groups.values()) == header["blob_bytes"]
 
 
@@ -86,6 +89,8 @@ def test_switches_keep_layers_fp_and_bad_values_name_the_yaml_path():
         QuantConfig.from_config({"embedding": "yes"}, "model_conf.decoder_quant")
     with pytest.raises(QuantConfigError, match=r"encoder_conf.quant_conf: unknown option\(s\) \['conv3d'\]"):
         QuantConfig.from_config({"conv3d": True}, "encoder_conf.quant_conf")
+    with pytest.raises(QuantConfigError, match=r"encoder_conf.quant_conf.ctc: .* set model_conf.decoder_quant.ctc"):
+        QuantizedConformerEncoder(FEAT, quant_conf={"ctc": True}, **tiny_conformer_options())
 
 
 def _linear(bits: int, per_channel: bool, shape=(96, 64), seed: int = 0) -> QuantLinear:

@@ -194,6 +194,7 @@ TENSOR_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("decoder blocks", ("decoder.decoders.",)),
     ("embedding", ("decoder.embed.",)),
     ("output layer", ("decoder.output_layer.",)),
+    ("ctc", ("ctc.",)),
 )
 NORMS_GROUP = "norms/biases"
 

@@ -195,7 +195,8 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
 
             rules = {standalone_name(n): spec.plan.bits_for(n) for n in quantized_modules(encoder)}
             rules.pop(None, None)
-            enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel}
+            enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel,
+                                 "conv2d": enc_q.conv2d}
             # layers quant_conf.exclude kept fp32 carry no quantizer (nor its parameters) standalone either
             excluded = [standalone_name(n) for n, m in encoder.named_modules() if n and is_quantizable(m)]
             if any(excluded):
@@ -206,7 +207,8 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
         if spec.decoder_bits:
             dq = model.decoder_quant
             model_conf["decoder_quant"] = {"bits": spec.decoder_bits, "method": dq.method,
-                                           "per_channel": dq.per_channel, "exclude": list(dq.exclude)}
+                                           "per_channel": dq.per_channel, "exclude": list(dq.exclude),
+                                           "embedding": dq.embedding, "output_layer": dq.output_layer, "ctc": dq.ctc}
     conf["model_conf"] = model_conf
     conf.pop("init_param", None)
     return conf, stock

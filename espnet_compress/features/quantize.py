@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 from espnet_compress.features.base import EncoderFeature
-from espnet_compress.quant.api import QuantConfig, quantize_
+from espnet_compress.quant.api import QuantConfig, QuantConfigError, quantize_
 
 if TYPE_CHECKING:
     from espnet_compress.encoders.elastic import ElasticEncoder
@@ -26,6 +26,9 @@ class QuantizeFeature(EncoderFeature):
     def __init__(self, conf: Optional[Mapping[str, Any]], where: str) -> None:
         super().__init__(conf, where)
         self.config = QuantConfig.from_config(self.conf, where)
+        if self.config.ctc:
+            raise QuantConfigError(f"{where}.ctc: the CTC projection is not part of the encoder; set "
+                                   f"model_conf.decoder_quant.ctc instead")
 
     def attach(self, encoder: "ElasticEncoder") -> None:
         encoder.quant_config = self.config

@@ -35,7 +35,8 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
 
     Args:
         decoder_quant: :class:`~espnet_compress.quant.api.QuantConfig` options for every Linear of
-            the decoder (attention projections, FFNs, output layer); the token embedding stays fp32.
+            the decoder (attention projections, FFNs, output layer; the token embedding with
+            ``embedding: true``; the CTC projection with ``ctc: true``).
             ``None`` keeps the decoder in full precision.
         systems: ``{name: {blocks, ffn_units, bits, decoder_bits, weight, stochastic_bits}}``; ``None`` =
             one system. ``stochastic_bits: {low, high, probs}`` redraws the system's per-layer
@@ -77,6 +78,10 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
                 raise ValueError("model_conf.decoder_quant is set but the model has no decoder")
             self.decoder_quant = QuantConfig.from_config(decoder_quant, "model_conf.decoder_quant")
             quantize_(self.decoder, self.decoder_quant)
+            if self.decoder_quant.ctc:
+                if self.ctc is None:
+                    raise ValueError("model_conf.decoder_quant.ctc is set but the model has no CTC")
+                quantize_(self.ctc, self.decoder_quant)  # fixed width: systems set the decoder's only
         if not isinstance(share_computation, bool):
             raise SystemSpecError(f"model_conf.share_computation must be true or false, got {share_computation!r}")
         self.share_computation = share_computation

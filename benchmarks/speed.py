@@ -1,0 +1,276 @@
+"""CPU speed at a realistic size: the LibriSpeech-100 Conformer (conf/librispeech_100), one thread.
+
+Random weights (speed does not depend on them); batch 1; several utterance lengths. For every
+configuration, in its own subprocess (so peak RSS after load is that configuration's alone):
+
+* ``fp32``: the float model;
+* ``torch_dynamic_int8``: every Linear through PyTorch's dynamic int8 (what ESPnet's
+  ``asr_inference --quantize_asr_model true`` does; fp weights re-quantized at load);
+* ``packed<n>_<kernel>``: a QAT model (front end, encoder, decoder, embedding, output layer at n
+  bits, per-channel) packed with :mod:`espnet_compress.quant.packed`, loaded back through the same
+  hook stock ``Speech2Text`` uses, frozen on one kernel (``dequant`` | ``qdyn`` | ``int4`` | ``auto``);
+* ``nested_<name>[_packed8]``: the structural systems a nested supernet exports (fewer blocks,
+  narrower FFN), fp32 and packed 8-bit on ``auto``.
+
+Timed: encoder forward, and a full decode = encoder + CTC posteriors + greedy attention decoding
+of ``--tokens_per_second`` tokens per second of audio (incremental decoder with cache, one token per
+step; a beam multiplies the decoder part by about the beam size). Each time is the minimum of
+``--repeats`` runs after a warm-up (the least disturbed by other processes on a shared machine).
+
+Usage::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --out exp/speed [--seconds 2 5 10]
+
+Prints the table and writes ``<out>/speed.{md,json}`` and ``<out>/speed.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FEAT_DIM = 80
+VOCAB = 5000
+FRAMES_PER_SECOND = 100  # 10 ms hop
+
+#: name -> (model options, packed bits (0 = float), kernel or "torch_dynamic")
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    "fp32": {},
+    "torch_dynamic_int8": {"torch_dynamic": True},
+    "packed8_dequant": {"bits": 8, "kernel": "dequant"},
+    "packed8_qdyn": {"bits": 8, "kernel": "qdyn"},
+    "packed8_auto": {"bits": 8, "kernel": "auto"},
+    "packed4_dequant": {"bits": 4, "kernel": "dequant"},
+    "packed4_int4": {"bits": 4, "kernel": "int4"},
+    "packed4_qdyn": {"bits": 4, "kernel": "qdyn"},
+    "packed4_auto": {"bits": 4, "kernel": "auto"},
+    "nested_6blocks": {"num_blocks": 6},
+    "nested_6blocks_packed8": {"num_blocks": 6, "bits": 8, "kernel": "auto"},
+    "nested_ffn512": {"linear_units": 512},
+    "nested_ffn512_packed8": {"linear_units": 512, "bits": 8, "kernel": "auto"},
+    "nested_6blocks_ffn512_packed8": {"num_blocks": 6, "linear_units": 512, "bits": 8, "kernel": "auto"},
+}
+
+
+def _conf() -> Dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((REPO / "conf/librispeech_100/train_asr_conformer.yaml").read_text())
+
+
+def build(spec: Mapping[str, Any]):
+    """The LibriSpeech-100 Conformer hybrid model (eval mode, random weights) for one config."""
+    import torch
+    from espnet2.asr.ctc import CTC
+    from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
+
+    from espnet_compress.encoders.aliases import QuantizedConformerEncoder
+    from espnet_compress.models.compressed_asr import CompressedASRModel
+
+    conf = _conf()
+    enc_conf = dict(conf["encoder_conf"], dropout_rate=0.0, positional_dropout_rate=0.0, attention_dropout_rate=0.0)
+    for key in ("num_blocks", "linear_units"):
+        if key in spec:
+            enc_conf[key] = spec[key]
+    bits = spec.get("bits", 0)
+    dec_conf = {k: (0.0 if k.endswith("dropout_rate") else v) for k, v in conf["decoder_conf"].items()}
+    torch.manual_seed(0)
+    quant = {"bits": bits, "per_channel": True} if bits else None
+    encoder = QuantizedConformerEncoder(FEAT_DIM, quant_conf=dict(quant, conv2d=True) if quant else None, **enc_conf) \
+        if quant else QuantizedConformerEncoder(FEAT_DIM, **enc_conf)
+    d = enc_conf["output_size"]
+    token_list = ["<blank>", *[f"t{i}" for i in range(VOCAB - 2)], "<sos/eos>"]
+    return CompressedASRModel(
+        vocab_size=VOCAB, token_list=token_list, frontend=None, specaug=None, normalize=None, preencoder=None,
+        encoder=encoder, postencoder=None, decoder=TransformerDecoder(VOCAB, d, **dec_conf), ctc=CTC(VOCAB, d),
+        joint_network=None, decoder_quant=dict(quant, embedding=True) if quant else None,
+        **conf["model_conf"]).eval()
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    """Resident set size now (MB; Linux /proc), i.e. what the loaded model keeps."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pack(name: str, scratch: Path) -> Path:
+    """Write the packed file of a quantized config (own process: keeps its memory out of the worker's)."""
+    from espnet_compress.quant.packed import save_packed
+
+    path = scratch / f"{name}.packed.pth"
+    save_packed(build(CONFIGS[name]), path)
+    return path
+
+
+def _min_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: float, scratch: Path) -> Dict[str, Any]:
+    """Build, (pack, load), time; runs in its own process."""
+    import torch
+
+    torch.set_num_threads(1)
+    spec = CONFIGS[name]
+    paths: Dict[str, str] = {}
+    if spec.get("bits"):
+        from espnet_compress.env import KERNEL
+
+        path = scratch / f"{name}.packed.pth"
+        file_bytes = path.stat().st_size
+        os.environ[KERNEL] = spec["kernel"]
+        model = build(spec)
+        rss_before = _rss_mb()
+        model.load_state_dict(torch.load(path, weights_only=True), strict=False)  # as Speech2Text loads
+        paths = dict(__import__("collections").Counter(model.inference_paths.values()))
+        path.unlink()
+    else:
+        model = build(spec)
+        rss_before = _rss_mb()
+        path = scratch / f"{name}.pth"
+        torch.save(model.state_dict(), path)
+        file_bytes = path.stat().st_size
+        model.load_state_dict(torch.load(path, weights_only=True))
+        path.unlink()
+        if spec.get("torch_dynamic"):
+            from espnet2.bin.asr_inference import Speech2Text  # noqa: F401  (ESPnet's own quantize path)
+
+            quantize_dynamic = getattr(torch.ao.quantization, "quantize_dynamic", None) or torch.quantization.quantize_dynamic
+            model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    import gc
+
+    gc.collect()
+    rss = _rss_mb()
+    out: Dict[str, Any] = {"name": name, "file_bytes": file_bytes, "peak_rss_mb_after_load": rss,
+                           "rss_mb_after_load": _current_rss_mb(),
+                           "rss_before_load_mb": rss_before, "paths": paths, "encoder_s": {}, "decode_s": {}}
+    for sec in seconds:
+        frames = int(sec * FRAMES_PER_SECOND)
+        x = torch.randn(1, frames, FEAT_DIM, generator=torch.Generator().manual_seed(1))
+        lens = torch.tensor([frames])
+        n_tokens = max(1, int(round(sec * tokens_per_second)))
+        with torch.inference_mode():
+            out["encoder_s"][str(sec)] = _min_time(lambda: model.encode(x, lens), repeats)
+
+            def decode() -> None:
+                enc, _ = model.encode(x, lens)
+                model.ctc.log_softmax(enc)
+                ys = torch.full((1, 1), VOCAB - 1, dtype=torch.long)
+                cache = None
+                for _ in range(n_tokens):
+                    logp, cache = model.decoder.forward_one_step(ys, torch.ones(1, ys.size(1), ys.size(1), dtype=torch.bool)
+                                                                 .tril(), enc, cache=cache)
+                    ys = torch.cat([ys, logp.argmax(-1, keepdim=True)], dim=1)
+
+            out["decode_s"][str(sec)] = _min_time(decode, max(1, repeats // 2))
+    return out
+
+
+def _table(results: List[Dict[str, Any]], seconds: List[float], cpu: str) -> str:
+    base = next(r for r in results if r["name"] == "fp32")
+    lines = [f"# Speed at the LibriSpeech-100 Conformer size (one thread, batch 1)", "", f"CPU: {cpu}", "",
+             "Speed-up = fp32 time / config time, measured side by side in this run (min of repeats). "
+             "Peak RSS: high-water mark after load (ESPnet builds the float model, then loads the "
+             "file into it); now: resident after load and freeze.", "",
+             "| config | file MB | peak RSS MB (now) | kernels | "
+             + " | ".join(f"enc {s:g}s ms (x)" for s in seconds) + " | "
+             + " | ".join(f"decode {s:g}s ms (x)" for s in seconds) + " |",
+             "|---|---:|---:|---|" + "---:|" * (2 * len(seconds))]
+    for r in results:
+        enc = [f"{r['encoder_s'][str(s)] * 1e3:.0f} ({base['encoder_s'][str(s)] / r['encoder_s'][str(s)]:.2f}x)"
+               for s in seconds]
+        dec = [f"{r['decode_s'][str(s)] * 1e3:.0f} ({base['decode_s'][str(s)] / r['decode_s'][str(s)]:.2f}x)"
+               for s in seconds]
+        kernels = ", ".join(f"{k}: {v}" for k, v in sorted(r["paths"].items())) or "-"
+        lines.append(f"| {r['name']} | {r['file_bytes'] / 1e6:.1f} | {r['peak_rss_mb_after_load']:.0f} ({r['rss_mb_after_load']:.0f}) | {kernels} | "
+                     + " | ".join(enc + dec) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: List[Dict[str, Any]], seconds: List[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.nested_supernet import save_plot
+
+    base = next(r for r in results if r["name"] == "fp32")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        ax.plot(seconds, [base["encoder_s"][str(s)] / r["encoder_s"][str(s)] for s in seconds], marker="o",
+                label=r["name"])
+    ax.axhline(1.0, color="black", lw=0.8)
+    save_plot(fig, ax, path, "utterance length (s)", "encoder forward speed-up vs fp32",
+              "LibriSpeech-100 Conformer, one thread", legend_size=7)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "exp" / "speed")
+    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 5.0, 10.0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens_per_second", type=float, default=3.0)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--pack", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.pack:
+        pack(args.pack, args.out)
+        return
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.seconds, args.repeats, args.tokens_per_second, args.out)))
+        return
+    from tqdm import tqdm
+
+    from espnet_compress.quant.inference import cpu_features
+    from espnet_compress.utils.io import atomic_write_text
+
+    names = ["fp32", *[c for c in args.configs if c != "fp32"]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    results = []
+    for name in tqdm(names, desc="configs"):
+        if CONFIGS[name].get("bits"):
+            done = subprocess.run([sys.executable, __file__, "--pack", name, "--out", str(args.out)],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise RuntimeError(f"packing {name} failed:\n{done.stderr[-3000:]}")
+        cmd = [sys.executable, __file__, "--worker", name, "--out", str(args.out), "--repeats", str(args.repeats),
+               "--tokens_per_second", str(args.tokens_per_second), "--seconds", *map(str, args.seconds)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"config {name} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    load1 = os.getloadavg()[0]
+    md = _table(results, args.seconds, cpu_features()) + f"\nLoad average (1 min) at the end: {load1:.2f} on {os.cpu_count()} cores.\n"
+    atomic_write_text(args.out / "speed.md", md)
+    atomic_write_text(args.out / "speed.json", json.dumps({"cpu": cpu_features(), "results": results}, indent=2) + "\n")
+    _plot(results, args.seconds, args.out / "speed.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
