@@ -132,6 +132,23 @@ def test_each_kernel_against_the_dequantized_path(kernel, per_channel, bits):
         torch.testing.assert_close(out, reference, atol=1e-5 if chosen["0"] == "dequant" else 1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["dequant", "int8", "int4", "qdyn"])
+def test_every_kernel_serves_a_narrowed_elastic_layer_exactly(kernel):
+    """An elastic FFN run narrower than it is stored computes with a slice of the layer's weight and
+    its bias (``sliced_weight``), not with the kernel's forward: every kernel's frozen form must
+    expose exactly the stored codes x scales and the bias (``auto`` may pick any of them)."""
+    from espnet_compress.core.elastic import sliced_weight
+
+    layer = _linear(4, True)
+    codes, scale = layer.weight_quantizer.encode(layer.weight, 4)
+    w = layer.weight_quantizer.decode(codes, scale, layer.weight)
+    bias = layer.bias.detach().clone()
+    frozen = torch.nn.Sequential(layer)
+    freeze_for_inference(frozen, kernel)
+    assert torch.equal(sliced_weight(frozen[0], cols=32), w[:, :32])
+    assert torch.equal(frozen[0].bias, bias)
+
+
 def test_forced_unavailable_kernel_names_reason_and_fallback(caplog):
     layer = _linear(8, True, shape=(48, 40))  # 8-bit codes and 40 inputs: no int4 kernel
     with caplog.at_level(logging.WARNING, logger="espnet_compress.quant.inference"):

@@ -160,7 +160,9 @@ class DynamicInt8Linear(torch.nn.Module):
         bias = None if bias is None else bias.detach().float().contiguous()
         self.reduce_range = bits == 8
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        # kept for effective_weight/state_dict consumers; 1 byte per weight
+        # kept for effective_weight/state_dict consumers (an elastic FFN run at a narrower width
+        # computes with a slice of effective_weight and the bias); 1 byte per weight
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scale.expand(codes.shape[0]).contiguous())
 
