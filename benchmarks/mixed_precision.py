@@ -147,7 +147,7 @@ def report(runs: List[Path], out: Path) -> None:
         if ref in specs and present:
             table = compare([specs[ref]] + [specs[m] for m in present], ref, Path(source["data_dir"]), ["test"],
                             out / f"compare_vs_{ref}")
-            tables.append(table.to_markdown())
+            tables.append(f"## Against `{ref}`\n\n" + table.to_markdown())
     text = "\n\n".join(tables)
     (out / "report.md").write_text(text + "\n")
     print(text)
