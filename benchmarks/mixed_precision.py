@@ -41,6 +41,7 @@ from espnet_compress.mixed_precision.allocation import Allocation, Budget, Probl
 from espnet_compress.mixed_precision.sensitivity import (config_fragment, held_out_batches, load_or_measure,
                                                          merge_fragment)
 from espnet_compress.pipeline.tiny import CONF_DIR
+from espnet_compress.utils.io import atomic_write_text
 
 QAT_CONFIG = CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml"
 SYSTEMS = ("mp_kl4", "mp_hand", "mp_kl", "mp_rand")
@@ -78,8 +79,7 @@ def random_allocation(problem: Problem, limit_bits: int, seed: int) -> Dict[str,
 def _config(bits: Dict[str, int], path: Path) -> Path:
     base = yaml.safe_load(QAT_CONFIG.read_text())
     conf = merge_fragment(base, config_fragment(bits, base["encoder"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(conf, sort_keys=False))  # two run dirs may prepare at once
     return path
 
 
@@ -105,7 +105,7 @@ def prepare(main_job: Path, out: Path, num_utts: int, seed: int) -> Dict[str, Pa
     chosen["mp_rand"] = Allocation(rand, problem.size_bits(rand), problem.omega_of(rand), problem.num_weights)
     chosen["uniform4"] = problem.uniform(4)
     summary = {k: {"avg_bits": a.avg_bits, "omega": a.omega, "bits": a.bits} for k, a in chosen.items()}
-    (out / "allocations.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "allocations.json", json.dumps(summary, indent=1))
     for k, a in chosen.items():
         print(f"{k:9s} {a.avg_bits:.3f} average bits, sum of Omega {a.omega:.5g}")
     return {k: _config(chosen[k].bits, out / "conf" / f"{k}.yaml") for k in SYSTEMS}
@@ -149,7 +149,7 @@ def report(runs: List[Path], out: Path) -> None:
                             out / f"compare_vs_{ref}")
             tables.append(f"## Against `{ref}`\n\n" + table.to_markdown())
     text = "\n\n".join(tables)
-    (out / "report.md").write_text(text + "\n")
+    atomic_write_text(out / "report.md", text + "\n")
     print(text)
 
 

@@ -74,9 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # fail on an impossible budget before minutes of measuring
         shape_only = Problem(tuple(layers), tuple(m.weight.numel() for m in layers.values()), tuple(args.widths),
                              np.zeros((len(layers), len(args.widths))))
-        empty = solve(shape_only)
         for budget in budgets:
-            empty.best_under(budget)
+            shape_only.check_budget(budget)
         batches, data_id = held_out_batches(args.data_dir, train_args, args.num_utts, args.batch_size)
         table = load_or_measure(args.cache or args.out_dir / "sensitivity.npz", model, batches, args.widths,
                                 args.target, args.per_channel, not args.no_decoder, not args.no_progress, data_id)

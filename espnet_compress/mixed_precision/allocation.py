@@ -164,6 +164,24 @@ class Problem:
         """``sum_i Omega_i(n_i)`` of an allocation (every width must be in the table)."""
         return float(sum(self.omega[i, self.column(bits[n])] for i, n in enumerate(self.names)))
 
+    def check_budget(self, budget: Budget) -> int:
+        """The budget as total bits; :class:`AllocationError` for a budget below the
+        all-smallest-width size (nothing fits) or above the full-precision size (no compression
+        asked for). Needs no sensitivities, so a caller can check before measuring them."""
+        limit = budget.total_bits(self.num_weights)
+        smallest, full = self.bounds()
+        n = self.num_weights
+        if limit < smallest:
+            raise AllocationError(
+                f"budget {budget.describe()} is below the smallest model the widths allow "
+                f"({smallest / n:.4g} average bits = {smallest / 8:,.0f} bytes with every layer at its smallest width "
+                f"{min(self.widths)}); raise the budget or add a smaller width")
+        if limit > full:
+            raise AllocationError(
+                f"budget {budget.describe()} is above full precision ({FP_BITS} average bits = {full / 8:,.0f} bytes "
+                f"for {n:,} weights): there is nothing to compress")
+        return limit
+
     def bounds(self) -> Tuple[int, int]:
         """(size with every layer at its smallest allowed width, size of the fp model) in bits."""
         smallest = 0
@@ -204,22 +222,9 @@ class Frontier:
         return [self.point(k) for k in range(len(self))]
 
     def best_under(self, budget: Budget) -> Allocation:
-        """The least sensitive allocation whose size fits ``budget``.
-
-        Raises :class:`AllocationError` for a budget below the all-smallest-width size (nothing
-        fits) or above the full-precision size (no compression asked for)."""
-        limit = budget.total_bits(self.problem.num_weights)
-        smallest, full = self.problem.bounds()
-        n = self.problem.num_weights
-        if limit < smallest:
-            raise AllocationError(
-                f"budget {budget.describe()} is below the smallest model the widths allow "
-                f"({smallest / n:.4g} average bits = {smallest / 8:,.0f} bytes with every layer at its smallest width "
-                f"{min(self.problem.widths)}); raise the budget or add a smaller width")
-        if limit > full:
-            raise AllocationError(
-                f"budget {budget.describe()} is above full precision ({FP_BITS} average bits = {full / 8:,.0f} bytes "
-                f"for {n:,} weights): there is nothing to compress")
+        """The least sensitive allocation whose size fits ``budget`` (checked by
+        :meth:`Problem.check_budget`)."""
+        limit = self.problem.check_budget(budget)
         k = int(np.searchsorted(self.total_bits, limit, side="right")) - 1
         return self.point(k)
 

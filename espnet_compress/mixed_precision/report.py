@@ -1,12 +1,11 @@
 """What a user reads after a bit allocation: a table per budget and a plot of the frontier."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import List, Sequence
 
 from espnet_compress.mixed_precision.allocation import Allocation, Budget, Frontier
-from espnet_compress.utils.io import atomic_write_bytes
+from espnet_compress.utils.io import atomic_save_png
 
 
 def budget_label(budget: Budget) -> str:
@@ -60,8 +59,4 @@ def plot_frontier(frontier: Frontier, chosen: Sequence[Allocation], labels: Sequ
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return atomic_save_png(fig, path)

@@ -11,7 +11,6 @@ curves a reader wants to see before trusting a table: did the baseline reach its
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -188,7 +187,7 @@ def plot_curves(curves: Mapping[str, Curve], path: Path, rule: Optional[Stopping
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from espnet_compress.utils.io import atomic_write_bytes
+    from espnet_compress.utils.io import atomic_save_png
 
     phase, name = key
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -208,11 +207,7 @@ def plot_curves(curves: Mapping[str, Curve], path: Path, rule: Optional[Stopping
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return atomic_save_png(fig, path)
 
 
 def curve_table(curve: Curve, keys: Sequence[Tuple[str, str]] = (("valid", "acc"), ("valid", "loss"))) -> str:

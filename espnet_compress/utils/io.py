@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
@@ -27,3 +27,17 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_save_png(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
+    """Render a matplotlib figure to PNG, write it atomically and close the figure (a plot is a
+    result file like any other: never half-written)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
