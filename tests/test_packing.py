@@ -199,6 +199,32 @@ def test_packed_model_computes_what_the_qat_model_computed(tmp_path, quant_conf)
     torch.testing.assert_close(_run(fresh), reference, atol=1e-5, rtol=0)
 
 
+def test_the_load_hook_path_holds_codes_not_a_dequantized_copy(tmp_path):
+    """``dequantize=False`` (what the load hook uses): quantized weights are zero-stride
+    placeholders of the right shape, the codes are the file's, and freezing from those codes gives
+    the same model as loading the dequantized weights."""
+    qat = _encoder({"bits": MIXED_BITS})
+    save_packed(qat, tmp_path / "enc.pth")
+    state = torch.load(tmp_path / "enc.pth", weights_only=True)
+    lazy = unpack_state_dict(state, "enc.pth", dequantize=False)
+    eager = load_packed(tmp_path / "enc.pth")
+    assert lazy.encodings.keys() == eager.encodings.keys() and lazy.encodings
+    for name in lazy.encodings:
+        placeholder = lazy.tensors[name]
+        assert placeholder.shape == eager.tensors[name].shape and not any(placeholder.stride()), name
+        assert torch.equal(lazy.encodings[name][0], eager.encodings[name][0])
+    for name in set(lazy.tensors) - set(lazy.encodings):
+        assert torch.equal(lazy.tensors[name], eager.tensors[name])
+    encodings = {k: (codes, scale) for k, (codes, scale, _) in lazy.encodings.items()}
+    from_codes = _encoder({"bits": MIXED_BITS}, seed=1)
+    from_codes.load_state_dict(lazy.tensors)
+    freeze_for_inference(from_codes, "dequant", encodings)
+    from_floats = _encoder({"bits": MIXED_BITS}, seed=2)
+    from_floats.load_state_dict(eager.tensors)
+    freeze_for_inference(from_floats, "dequant", encodings)
+    assert torch.equal(_run(from_codes), _run(from_floats))
+
+
 def test_lsq_steps_are_stored_as_scales(tmp_path):
     """fp16 for plain tensors must not round the LSQ steps: the deployed layer re-encodes its
     weight with the step, so a rounded step would move every weight off the exported grid."""

@@ -37,9 +37,14 @@ def sliced_weight(module: torch.nn.Module, rows: Optional[int] = None, cols: Opt
     A frozen inference layer (loaded from a packed file) already holds the codes its system
     computes with, so its weight is only sliced, never re-quantized; its kernel-specific form
     (int8/int4 packing) has no ``weight`` attribute, only ``effective_weight``.
+
+    A quantizer marked ``whole_tensor`` (bit planes) quantizes the whole weight and the slice reads
+    its codes, so every width of the layer shares one set of codes (what one packed file stores).
     """
     quantizer = getattr(module, "weight_quantizer", None)
-    if quantizer is None and hasattr(module, "effective_weight"):
+    if quantizer is not None and quantizer.whole_tensor:
+        w, quantizer = quantizer(module.weight), None
+    elif quantizer is None and hasattr(module, "effective_weight"):
         w = module.effective_weight()
     else:
         w = module.weight

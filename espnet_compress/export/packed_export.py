@@ -3,6 +3,9 @@
 The output directory holds everything stock ESPnet inference needs, and nothing of the training run:
 
 * ``model.packed.pth``: the weights at their trained bit widths (:mod:`espnet_compress.quant.packed`);
+  for a nested supernet whose quantizers are all bit planes (``method: bitplane``), the widest
+  width's codes, from which every system's narrower codes are sliced at load: one file for all
+  systems (``ESPNET_COMPRESS_SYSTEM`` picks one, as for the fp32 checkpoint);
 * ``config.yaml``: the training config with ``model: compressed`` (a stock ``espnet`` model is
   rewritten to it: same options, plus the load hook that expands packed checkpoints) and the files
   inference reads (token list, BPE model, feature statistics) copied next to it and referenced by
@@ -34,6 +37,7 @@ import yaml
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import PACKINGS
 from espnet_compress.quant.packed import _FLOAT_DTYPES, is_packed, save_packed, size_report
+from espnet_compress.quant.quantizers import BitPlaneQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +117,16 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
             f"QAT model, e.g. encoder quantized_conformer or model_conf.decoder_quant"
         )
 
+    plane_systems = bit_plane_systems(model, config)
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".export"))
     try:
         header = save_packed(model, stage / PACKED_NAME, fp_dtype=fp_dtype, scale_dtype=scale_dtype,
-                             ternary_packing=ternary_packing)
+                             ternary_packing=ternary_packing, planes=bool(plane_systems))
         report = size_summary(header, model_file.stat().st_size, (stage / PACKED_NAME).stat().st_size)
         report.update(source_config=str(config.resolve()), source_model_file=str(model_file.resolve()),
-                      fp_dtype=fp_dtype)
+                      fp_dtype=fp_dtype, bit_plane_systems=plane_systems)
         (stage / REPORT_JSON_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (stage / REPORT_MD_NAME).write_text(size_markdown(report, out_dir.name), encoding="utf-8")
 
@@ -147,6 +153,31 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
     return ExportResult(out_dir=out_dir, packed_file=out_dir / PACKED_NAME, config_file=out_dir / CONFIG_NAME,
                         size_report_json=out_dir / REPORT_JSON_NAME, size_report_md=out_dir / REPORT_MD_NAME,
                         archive=out_dir / ARCHIVE_NAME, report=report)
+
+
+def bit_plane_systems(model: torch.nn.Module, config: Path) -> List[str]:
+    """The systems one packed file of ``model`` decodes: all of them when ``model`` is a
+    multi-system model whose every quantized layer stores bit planes, else none (the file holds
+    the active system only). A bit-plane file holds no fp weight, so a system running a quantized
+    layer in full precision is refused by name: give it bits, or export it with ``export_system``."""
+    systems = list(getattr(model, "systems", None) or {})
+    qmods = quantized_modules(model)
+    if not systems or not all(isinstance(m.weight_quantizer, BitPlaneQuantizer) for m in qmods.values()):
+        return []
+    active = model.active_system
+    try:
+        for name in systems:
+            model.use_system(name)
+            fp = [n for n, m in quantized_modules(model).items() if not m.bits]
+            if fp:
+                raise ExportError(
+                    f"{config}: model_conf.systems.{name} runs '{fp[0]}' in full precision, but a bit-plane "
+                    f"file holds {qmods[fp[0]].weight_quantizer.master_bits}-bit codes only; set the system's "
+                    f"bits/decoder_bits, or export it on its own with export_system"
+                )
+    finally:
+        model.use_system(active)
+    return systems
 
 
 # ---------------------------------------------------------------------------------- size report
@@ -229,6 +260,8 @@ def size_markdown(report: Mapping[str, Any], title: str) -> str:
         f"- packed file: {report['packed_file_bytes']:,} bytes "
         f"(payload {report['blob_bytes']:,} + container {report['container_overhead_bytes']:,})",
         f"- overall ratio fp32 / packed: **{report['ratio_overall']:.2f}x**",
+        *([f"- bit planes: this one file decodes systems {', '.join(report['bit_plane_systems'])} "
+           f"(ESPNET_COMPRESS_SYSTEM=<name>)"] if report.get("bit_plane_systems") else []),
         f"- quantized weights: {qw['params']:,} params in {qw['tensors']} tensors, "
         f"{qw['fp32_bytes']:,} bytes at fp32 -> {qw['packed_bytes']:,} bytes packed (codes + scales): "
         f"**{qw['ratio']:.2f}x**",

@@ -35,9 +35,9 @@ from espnet_compress.core.elastic import ElasticFFN
 from espnet_compress.core.norm_stats import SLOT_CONTAINER, SystemBatchNorm, slot_name
 from espnet_compress.encoders.elastic import ElasticEncoder
 from espnet_compress.models.compressed_asr import multi_system_options
-from espnet_compress.quant.api import quantized_modules
+from espnet_compress.quant.api import QuantConfig, quantized_modules
 from espnet_compress.quant.modules import is_quantizable
-from espnet_compress.quant.quantizers import LearnedScaleQuantizer
+from espnet_compress.quant.quantizers import QUANTIZERS, BitPlaneQuantizer, LearnedScaleQuantizer
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
 from espnet_compress.utils.params import count_parameters
 
@@ -120,9 +120,12 @@ def system_state_dict(model: torch.nn.Module, name: str) -> Dict[str, torch.Tens
 
 
 def narrowed_encodings(model: torch.nn.Module, name: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Codes of the quantized FFN layers that the system runs narrower than the stored width:
+    """Codes of the quantized FFN layers that the system runs narrower than the supernet's width:
     what the supernet computed for the slice, padded to the stored width with codes that are
-    never read (state-dict key in the standalone model -> codes, scale)."""
+    never read (state-dict key in the standalone model -> codes, scale). A whole-tensor
+    quantizer (bit planes) computed the slice from the whole weight's codes, so the standalone
+    layer stores that slice even at its own full width (re-encoding the cut weight would pick
+    another scale)."""
     spec, encoder = model.systems[name], model.encoder
     kept, remap, steps, widths = _layout(model, name)
     stored = max(widths)
@@ -139,19 +142,31 @@ def narrowed_encodings(model: torch.nn.Module, name: str) -> Dict[str, Tuple[tor
                 bits = spec.plan.bits_for(module_name)
                 if not bits or not hasattr(layer, "weight_quantizer"):
                     continue
-                if len(ks) > 1 and not isinstance(layer.weight_quantizer, LearnedScaleQuantizer):
+                quantizer = layer.weight_quantizer
+                whole = quantizer.whole_tensor
+                if len(ks) > 1 and not (whole or isinstance(quantizer, LearnedScaleQuantizer)):
                     raise ValueError(
                         f"system '{name}': block {b} runs at FFN widths {sorted(ks)} with {bits}-bit max-scale "
                         f"weights ('{module_name}'); each width has its own scale, and one packed tensor holds "
                         f"one quantization: give the block one width in this system, or train with "
-                        f"quant_conf.method lsq (its steps do not depend on the width)"
+                        f"quant_conf.method lsq or bitplane (their codes do not depend on the width)"
                     )
                 k = min(ks)
+                if whole:
+                    if stored == ffn.full_units:
+                        continue
+                    with torch.no_grad():
+                        codes, scale = quantizer.encode(layer.weight, bits)
+                    codes = codes[:stored] if dim == 0 else codes[:, :stored]
+                    if dim == 0 and scale.dim() == 1:
+                        scale = scale[:stored]
+                    out[f"encoder.{encoder.blocks_name}.{remap[b]}.{ffn_name}.{attr}.weight"] = (codes, scale)
+                    continue
                 if k == stored or len(ks) > 1:
                     continue
                 w = layer.weight[:k] if dim == 0 else layer.weight[:, :k]
                 with torch.no_grad():
-                    codes, scale = layer.weight_quantizer.encode(w, bits)
+                    codes, scale = quantizer.encode(w, bits)
                 pad = list(codes.shape)
                 pad[dim] = stored - k
                 codes = torch.cat([codes, torch.full(pad, 1 if bits == 1 else 0, dtype=codes.dtype)], dim=dim)
@@ -159,6 +174,15 @@ def narrowed_encodings(model: torch.nn.Module, name: str) -> Dict[str, Tuple[tor
                     scale = torch.cat([scale, torch.ones(stored - k, dtype=scale.dtype)])
                 out[f"encoder.{encoder.blocks_name}.{remap[b]}.{ffn_name}.{attr}.weight"] = (codes, scale)
     return out
+
+
+def _nesting(config: QuantConfig) -> Dict[str, Any]:
+    """``bit_choices`` a standalone bit-plane system keeps: its codes are slices of the widest
+    width's, so its quantizer must know that width (with its own width alone it would encode
+    directly at it, another grid)."""
+    if not issubclass(QUANTIZERS[config.method], BitPlaneQuantizer):
+        return {}
+    return {"bit_choices": list(config.choices())}
 
 
 def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: str) -> Tuple[Dict[str, Any], bool]:
@@ -196,7 +220,7 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
             rules = {standalone_name(n): spec.plan.bits_for(n) for n in quantized_modules(encoder)}
             rules.pop(None, None)
             enc["quant_conf"] = {"bits": rules, "method": enc_q.method, "per_channel": enc_q.per_channel,
-                                 "conv2d": enc_q.conv2d}
+                                 "conv2d": enc_q.conv2d, **_nesting(enc_q)}
             # layers quant_conf.exclude kept fp32 carry no quantizer (nor its parameters) standalone either
             excluded = [standalone_name(n) for n, m in encoder.named_modules() if n and is_quantizable(m)]
             if any(excluded):
@@ -208,7 +232,8 @@ def system_config(train_config: Dict[str, Any], model: torch.nn.Module, name: st
             dq = model.decoder_quant
             model_conf["decoder_quant"] = {"bits": spec.decoder_bits, "method": dq.method,
                                            "per_channel": dq.per_channel, "exclude": list(dq.exclude),
-                                           "embedding": dq.embedding, "output_layer": dq.output_layer, "ctc": dq.ctc}
+                                           "embedding": dq.embedding, "output_layer": dq.output_layer, "ctc": dq.ctc,
+                                           **_nesting(dq)}
     conf["model_conf"] = model_conf
     conf.pop("init_param", None)
     return conf, stock

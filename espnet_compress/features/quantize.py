@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 
 class QuantizeFeature(EncoderFeature):
-    """Options of :class:`~espnet_compress.quant.api.QuantConfig`: ``bits``, ``method``
-    (``max`` | ``lsq``), ``per_channel``, ``bit_choices`` (every width a system may pick),
-    ``exclude``. The default plan's bits default to ``quant_conf.bits``."""
+    """Options of :class:`~espnet_compress.quant.api.QuantConfig`: ``bits``, ``method`` (one of
+    :data:`~espnet_compress.quant.quantizers.QUANTIZERS`), ``per_channel``, ``bit_choices`` (every
+    width a system may pick), ``exclude``, the layer-kind switches. The default plan's bits default
+    to ``quant_conf.bits``."""
 
     KEY = "quant_conf"
 

@@ -14,7 +14,8 @@ import torch
 
 from espnet_compress.core.plan import bits_for, bits_rules
 from espnet_compress.quant.modules import attach_quantizer, is_quantizable, layer_kind
-from espnet_compress.quant.quantizers import QUANTIZERS, SUPPORTED_BITS, WeightQuantizer, check_bits
+from espnet_compress.quant.quantizers import (QUANTIZERS, SUPPORTED_BITS, BitPlaneQuantizer, MaxScaleQuantizer,
+                                              WeightQuantizer, check_bits)
 
 
 class QuantConfigError(ValueError):
@@ -29,9 +30,11 @@ class QuantConfig:
         bits: ordered ``(pattern, bits)`` rules over module names relative to the quantized root;
             first match wins; ``0`` = keep full precision. Given in YAML as an int (every weight) or
             a mapping ``{pattern: bits}`` (e.g. ``{"encoders.*.conv_module.*": 8, "*": 4}``).
-        method: ``max`` (scale from max|W|, eq. 5-6 of the lossless 4-bit paper; mean|W| at 1 bit)
-            or ``lsq`` (learnable tensor-wise step per bit width, for 1-2 bit training).
-        per_channel: one scale per output channel instead of per tensor (``max`` only).
+        method: ``max`` (scale from max|W|, eq. 5-6 of the lossless 4-bit paper; mean|W| at 1 bit),
+            ``lsq`` (learnable tensor-wise step per bit width, for 1-2 bit training), ``std_alpha``
+            (the one-bit ASR quantizer) or ``bitplane`` (every width the top bits of the widest
+            width's codes: one packed file holds every precision of a nested supernet).
+        per_channel: one scale per output channel instead of per tensor (``max``/``bitplane`` only).
         bit_choices: every width a plan may later select for these weights; defaults to the widths
             named in ``bits``. Nested setups list all their systems' precisions here.
         exclude: module-name patterns never quantized (checked before ``bits``).
@@ -83,14 +86,18 @@ class QuantConfig:
                 raise QuantConfigError(f"{where}.{option}: expected true or false, got {getattr(self, option)!r}")
         if self.method not in QUANTIZERS:
             raise QuantConfigError(f"{where}: unknown method '{self.method}'; allowed: {sorted(QUANTIZERS)}")
-        if self.per_channel and self.method != "max":
-            raise QuantConfigError(f"{where}: per_channel is only supported with method 'max'")
+        if self.per_channel and not issubclass(QUANTIZERS[self.method], MaxScaleQuantizer):
+            raise QuantConfigError(f"{where}: per_channel is only supported with the max-scaled methods "
+                                   f"{sorted(k for k, c in QUANTIZERS.items() if issubclass(c, MaxScaleQuantizer))}")
         for pattern, nbits in self.bits:
             check_bits(nbits, f"{where}.bits['{pattern}']")
         for nbits in self.bit_choices:
             if nbits == 0:
                 continue
             check_bits(nbits, f"{where}.bit_choices")
+        if issubclass(QUANTIZERS[self.method], BitPlaneQuantizer) and 1 in self.choices():
+            raise QuantConfigError(f"{where}: method 'bitplane' nests widths >= 2 only (1 bit is a sign with its "
+                                   f"own scale); remove 1 from bits/bit_choices {list(self.choices())}")
         return self
 
     def choices(self) -> Tuple[int, ...]:
@@ -113,7 +120,7 @@ class QuantConfig:
 
     def make_quantizer(self) -> WeightQuantizer:
         cls = QUANTIZERS[self.method]
-        if self.method == "max":
+        if issubclass(cls, MaxScaleQuantizer):
             return cls(self.choices(), per_channel=self.per_channel)
         return cls(self.choices())
 

@@ -11,7 +11,9 @@ The header lists every state-dict entry with its byte range in ``blob``: quantiz
 embeddings, learned steps) as raw tensors in the configured float dtype. Format 2 hashes the
 header *and* the blob (SHA-256), so a changed offset, width or shape is refused like a corrupted
 payload; format 1 files (payload hash only) still load, with every record checked for
-consistency. Loading keeps the file's codes and scales: the model computes with exactly those
+consistency. A record marked ``"nested": true`` holds bit planes (:class:`~.quantizers.BitPlaneQuantizer`):
+the widest width's codes, from which a system at a narrower width takes its top bits at load, so
+one file of a nested supernet decodes every system. Loading keeps the file's codes and scales: the model computes with exactly those
 (it never re-derives them from a config), and every record is checked against the module it loads
 into (shape, bit width, scale shape), each failure a :class:`PackedModelError` naming the file and
 the tensor.
@@ -24,7 +26,7 @@ import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from espnet_compress.env import settings
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import check_packing, nbytes, pack, unpack
 from espnet_compress.quant.inference import freeze_for_inference
-from espnet_compress.quant.quantizers import SUPPORTED_BITS
+from espnet_compress.quant.quantizers import SUPPORTED_BITS, BitPlaneQuantizer
 from espnet_compress.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,16 @@ class TensorRecord:
     scale_shape: Optional[List[int]] = None
     group: str = "other"
     packing: str = "bits"  # code layout (:mod:`.bitpack`); "trits": ternary codes 5 per byte
+    nested: bool = False  # bit planes: narrower widths are sliced from these codes at load
 
     def to_header(self) -> Dict[str, Any]:
-        """The header entry; ``packing`` only when not the default, so files without trits keep
-        the header (and checksum) they had before the option existed."""
+        """The header entry; ``packing`` and ``nested`` only when not the default, so files
+        without them keep the header (and checksum) they had before the options existed."""
         rec = dataclasses.asdict(self)
         if rec["packing"] == "bits":
             del rec["packing"]
+        if not rec["nested"]:
+            del rec["nested"]
         return rec
 
 
@@ -85,6 +90,7 @@ class PackedState:
     tensors: Dict[str, torch.Tensor]
     encodings: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]
     header: Dict[str, Any]
+    nested: FrozenSet[str] = frozenset()  # keys stored as bit planes
 
 
 def _group(name: str, bits: int) -> str:
@@ -103,7 +109,7 @@ def _digest(header: Mapping[str, Any], blob: bytes) -> str:
 
 def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: str = "float32",
                encodings: Optional[Mapping[str, Encoding]] = None,
-               ternary_packing: str = "bits") -> Tuple[Dict[str, Any], bytes]:
+               ternary_packing: str = "bits", planes: bool = False) -> Tuple[Dict[str, Any], bytes]:
     """Pack ``model.state_dict()``: quantized modules at their current bit width, the rest raw.
 
     Returns the header (JSON-able) and the blob. ``fp_dtype`` applies to floating tensors that are
@@ -112,11 +118,13 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
     module's weight: a system export passes what the supernet computed for a narrowed layer.
     ``ternary_packing``: layout of 2-bit (ternary) codes, ``bits`` (4 per byte) or ``trits``
     (5 per byte, 1.6 bits per weight).
+    ``planes``: store every bit-plane quantized weight at its widest width, whatever width the
+    active system runs (records marked ``nested``): the file of a whole nested supernet.
     """
     if fp_dtype not in _FLOAT_DTYPES or scale_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp_dtype/scale_dtype must be one of {sorted(_FLOAT_DTYPES)}")
     check_packing(ternary_packing, 2)
-    qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items() if m.bits}
+    qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items() if m.bits or (planes and _planes(m))}
     records: List[TensorRecord] = []
     chunks: List[bytes] = []
     offset = 0
@@ -124,16 +132,18 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
         tensor = tensor.detach().cpu()
         if name in qmods:
             module = qmods[name]
+            nested = planes and _planes(module)
+            bits = module.weight_quantizer.master_bits if nested else module.bits
             if encodings is not None and name in encodings:
                 codes, scale = encodings[name]
             else:
-                codes, scale = module.weight_quantizer.encode(module.weight, module.bits)
+                codes, scale = module.weight_quantizer.encode(module.weight, bits)
             scale = scale.detach().cpu().to(_FLOAT_DTYPES[scale_dtype])
-            packing = ternary_packing if module.bits == 2 else "bits"
-            data = pack(codes.numpy(), module.bits, packing) + _tensor_bytes(scale)
+            packing = ternary_packing if bits == 2 else "bits"
+            data = pack(codes.numpy(), bits, packing) + _tensor_bytes(scale)
             rec = TensorRecord(name, list(tensor.shape), str(tensor.dtype).replace("torch.", ""), offset, len(data),
-                               bits=module.bits, scale_shape=list(scale.shape), group=_group(name, module.bits),
-                               packing=packing)
+                               bits=bits, scale_shape=list(scale.shape), group=_group(name, bits),
+                               packing=packing, nested=nested)
         else:
             if tensor.is_floating_point():
                 # Learned (LSQ) steps are scales: the loaded layer re-encodes its weight with them,
@@ -158,6 +168,11 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
     return header, blob
 
 
+def _planes(module: torch.nn.Module) -> bool:
+    """Whether a quantized module stores bit planes (narrower widths sliced from its codes)."""
+    return isinstance(module.weight_quantizer, BitPlaneQuantizer)
+
+
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
@@ -175,12 +190,12 @@ def _tensor_from_bytes(data: bytes, dtype: str, shape: List[int]) -> torch.Tenso
 
 def save_packed(model: torch.nn.Module, path: Union[str, Path], fp_dtype: str = "float32",
                 scale_dtype: str = "float32", encodings: Optional[Mapping[str, Encoding]] = None,
-                ternary_packing: str = "bits") -> Dict[str, Any]:
+                ternary_packing: str = "bits", planes: bool = False) -> Dict[str, Any]:
     """Write a packed checkpoint atomically (temp file, then rename); return its header."""
     import io
 
     header, blob = pack_model(model, fp_dtype=fp_dtype, scale_dtype=scale_dtype, encodings=encodings,
-                              ternary_packing=ternary_packing)
+                              ternary_packing=ternary_packing, planes=planes)
     buf = io.BytesIO()
     torch.save({MAGIC: json.dumps(header), "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -225,6 +240,8 @@ def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> Lis
             scale_shape = rec.get("scale_shape")
             if not isinstance(scale_shape, list):
                 raise PackedModelError(f"{where}: quantized record without scale_shape")
+            if not isinstance(rec.get("nested", False), bool):
+                raise PackedModelError(f"{where}: 'nested' must be true or false, got {rec.get('nested')!r}")
             packing = rec.get("packing", "bits")
             try:
                 check_packing(packing, bits)
@@ -232,6 +249,8 @@ def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> Lis
                 raise PackedModelError(f"{where}: {err}") from None
             expected = nbytes(_numel(shape), bits, packing) + _numel(scale_shape) * _itemsize(scale_dtype)
         else:
+            if rec.get("nested"):
+                raise PackedModelError(f"{where}: marked nested (bit planes) but stored in full precision")
             expected = _numel(shape) * _itemsize(dtype)
         if size != expected:
             layout = f" ({rec.get('packing', 'bits')})" if bits else ""
@@ -245,12 +264,19 @@ def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> Lis
     return records
 
 
-def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint") -> PackedState:
-    """Verify and expand a loaded packed checkpoint (float tensors, stored codes, header)."""
+def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint",
+                      dequantize: bool = True) -> PackedState:
+    """Verify and expand a loaded packed checkpoint (float tensors, stored codes, header).
+
+    ``dequantize=False`` (the load hook): quantized weights get a zero-stride placeholder of their
+    shape in ``tensors`` instead of ``codes x scale``; the hook's freeze builds every quantized
+    layer from the codes anyway, and one fp32 copy of the weights fewer keeps the peak memory of
+    a load below that of the fp32 checkpoint's. The payload is read in place (no copy).
+    """
     try:
         header = json.loads(state[MAGIC])
         blob_t = state["blob"]
-        blob = blob_t.numpy().tobytes()
+        blob = memoryview(blob_t.numpy())
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise PackedModelError(f"{source}: not a valid espnet_compress packed checkpoint ({err})") from None
     if not isinstance(header, dict) or header.get("format") != "espnet_compress.packed":
@@ -271,6 +297,7 @@ def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint
     scale_dtype = header["scale_dtype"]
     out: Dict[str, torch.Tensor] = {}
     encodings: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}
+    nested = frozenset(rec["name"] for rec in records if rec.get("nested"))
     for rec in records:
         data = blob[rec["offset"]: rec["offset"] + rec["nbytes"]]
         if rec["bits"]:
@@ -282,15 +309,24 @@ def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint
                 raise PackedModelError(f"{source}: tensor '{rec['name']}': {err}") from None
             codes = torch.from_numpy(flat).reshape(rec["shape"])
             scale = _tensor_from_bytes(data[ncode:], scale_dtype, rec["scale_shape"]).float()
-            s = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (codes.dim() - 1)))
-            out[rec["name"]] = (codes.float() * s).to(getattr(torch, rec["dtype"]))
+            out[rec["name"]] = _dequantize(codes, scale, rec["dtype"]) if dequantize else _placeholder(rec)
             encodings[rec["name"]] = (codes, scale, rec["bits"])
         else:
             out[rec["name"]] = _tensor_from_bytes(data, rec["dtype"], rec["shape"])
     if version < FORMAT_VERSION:
         log.info("%s: packed format %d (header not covered by the checksum); records checked one by one",
                  source, version)
-    return PackedState(out, encodings, header)
+    return PackedState(out, encodings, header, nested)
+
+
+def _placeholder(rec: Mapping[str, Any]) -> torch.Tensor:
+    """A tensor of the record's shape and dtype that takes no memory (zeros, stride 0)."""
+    return torch.zeros((), dtype=getattr(torch, rec["dtype"])).expand(rec["shape"])
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
+    s = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (codes.dim() - 1)))
+    return (codes.float() * s).to(getattr(torch, dtype))
 
 
 def check_against_model(packed: PackedState, model: torch.nn.Module, source: str,
@@ -317,7 +353,9 @@ def check_against_model(packed: PackedState, model: torch.nn.Module, source: str
     for name, module in qmods.items():
         stored = packed.encodings.get(name)
         stored_bits = 0 if stored is None else stored[2]
-        if stored_bits != module.bits:
+        if name in packed.nested:
+            _check_planes(name, module, stored_bits, source)
+        elif stored_bits != module.bits:
             raise PackedModelError(
                 f"{source}: tensor '{name}' is stored at {stored_bits or 'full precision'}"
                 f"{'-bit' if stored_bits else ''} but the config sets {module.bits or 'full precision'}"
@@ -333,6 +371,39 @@ def check_against_model(packed: PackedState, model: torch.nn.Module, source: str
     if stray:
         raise PackedModelError(f"{source}: tensor '{stray[0]}' is stored quantized but the config builds it "
                                f"in full precision; decode with the config the file was exported with")
+
+
+def _check_planes(name: str, module: torch.nn.Module, stored_bits: int, source: str) -> None:
+    """A bit-plane record serves a module of a bit-plane quantizer whose widest width is the
+    stored one, at any of its widths except full precision (the file holds no fp weight)."""
+    quantizer = module.weight_quantizer
+    if not isinstance(quantizer, BitPlaneQuantizer) or quantizer.master_bits != stored_bits:
+        built = (f"'{quantizer.__class__.__name__}' with widths {list(quantizer.bit_choices)}")
+        raise PackedModelError(f"{source}: tensor '{name}' is stored as {stored_bits}-bit planes, but the config "
+                               f"builds {built}; decode with the config the file was exported with "
+                               f"(quant_conf.method bitplane, widest width {stored_bits})")
+    if not module.bits:
+        raise PackedModelError(f"{source}: tensor '{name}' is stored as {stored_bits}-bit planes, but the active "
+                               f"system runs it in full precision, which the file does not hold; pick a "
+                               f"quantized system (ESPNET_COMPRESS_SYSTEM)")
+
+
+def at_model_widths(packed: PackedState, model: torch.nn.Module) -> PackedState:
+    """Bit-plane records sliced to the width each module runs in the active system (the file's
+    widest codes otherwise): the codes the supernet trained that system with."""
+    if not packed.nested:
+        return packed
+    qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items()}
+    tensors, encodings = dict(packed.tensors), dict(packed.encodings)
+    for name in packed.nested:
+        module = qmods[name]
+        codes, scale, _ = packed.encodings[name]
+        codes, scale = module.weight_quantizer.narrow(codes, scale, module.bits)
+        encodings[name] = (codes, scale, module.bits)
+        old = packed.tensors[name]
+        if any(old.stride()):  # a dequantized weight (not a placeholder): at the new width too
+            tensors[name] = _dequantize(codes, scale, str(old.dtype).replace("torch.", ""))
+    return dataclasses.replace(packed, tensors=tensors, encodings=encodings)
 
 
 def loading_source(default: str = "packed checkpoint") -> str:
@@ -396,8 +467,9 @@ class PackedLoading:
         if prefix or not is_packed(state_dict):
             return
         source = loading_source()
-        packed = unpack_state_dict(state_dict, source)
+        packed = unpack_state_dict(state_dict, source, dequantize=False)
         check_against_model(packed, self.model, source, fillable=self.fillable)
+        packed = at_model_widths(packed, self.model)
         state_dict.clear()
         state_dict.update(packed.tensors)
         self.pending = packed

@@ -18,6 +18,9 @@ Grids (``n`` bits, ``q = 2**(n-1) - 1``):
   gradient of the step as in LSQ, scaled by ``1/sqrt(numel * q)``.
 * std-alpha (:class:`StdScaleQuantizer`, the one-bit ASR method): step ``alpha_n * s``, ``s =
   min(2 std(W), 1)`` at 1-2 bits (``max|W| / q`` wider), one learnable ``alpha_n`` per width.
+* bit-plane (:class:`BitPlaneQuantizer`, MatQuant's nesting for a symmetric grid): every width is
+  the top bits of the widest width's codes (:func:`slice_codes`), so one stored set of codes holds
+  every precision of a nested supernet.
 """
 from __future__ import annotations
 
@@ -74,7 +77,14 @@ def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class WeightQuantizer(torch.nn.Module):
-    """Base class: precision switchable at run time; ``bits == 0`` passes the weight through."""
+    """Base class: precision switchable at run time; ``bits == 0`` passes the weight through.
+
+    ``whole_tensor`` (class attribute): a narrowed layer (elastic FFN) reads a slice of the codes
+    of the *whole* weight instead of quantizing its slice on its own. Quantizers whose codes must
+    be the same for every system that shares them (bit planes) set it.
+    """
+
+    whole_tensor = False
 
     def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS) -> None:
         super().__init__()
@@ -304,4 +314,57 @@ class StdScaleQuantizer(WeightQuantizer):
         return code.to(torch.int8), step.clone()
 
 
-QUANTIZERS: Dict[str, type] = {"max": MaxScaleQuantizer, "lsq": LearnedScaleQuantizer, "std_alpha": StdScaleQuantizer}
+def slice_codes(codes: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
+    """The ``to_bits`` codes nested in symmetric ``from_bits`` codes: the top bits of the
+    magnitude, rounded half away from zero on the first dropped bit, clamped to the narrower grid
+    (``|c| >> k`` with rounding, ``k = from_bits - to_bits``). Integer arithmetic only, and odd
+    (``slice(-c) = -slice(c)``), so the narrow grid stays symmetric like the wide one. The narrow
+    code ``c'`` stands for ``c' * 2**k`` wide steps."""
+    if not 2 <= to_bits <= from_bits:
+        raise UnsupportedBitWidth(f"cannot slice {from_bits}-bit codes to {to_bits} bits (need 2 <= {to_bits} <= {from_bits})")
+    shift = from_bits - to_bits
+    if shift == 0:
+        return codes
+    wide = codes.to(torch.int16)
+    mag = torch.clamp((wide.abs() + (1 << (shift - 1))) >> shift, max=qmax(to_bits))
+    return (torch.sign(wide) * mag).to(torch.int8)
+
+
+class BitPlaneQuantizer(MaxScaleQuantizer):
+    """Nested bit planes (MatQuant, Nair et al. 2025, on a symmetric grid): the widest width ``M``
+    of ``bit_choices`` is max-scaled as :class:`MaxScaleQuantizer` does, and every narrower width
+    ``n`` is :func:`slice_codes` of those codes with step ``s_M * 2**(M - n)``.
+
+    Why: a supernet whose systems differ in precision then trains its 4- and 2-bit systems on
+    exactly the codes an ``M``-bit file stores, so one packed file at ``M`` bits decodes every
+    system. The narrow grids are not the ones a direct n-bit max-scale would pick (at ``M = 8``,
+    4 bits spans ``112/127`` of ``max|W|`` and the 2-bit levels sit at ``64/127`` of it); co-training adapts
+    the weights to them. 1 bit (a sign plane with its own mean scale) does not nest and is refused.
+    Whole-tensor: a narrowed FFN reads a slice of the whole weight's codes.
+    """
+
+    whole_tensor = True
+
+    def __init__(self, bit_choices: Iterable[int] = SUPPORTED_BITS, per_channel: bool = False) -> None:
+        super().__init__(bit_choices, per_channel=per_channel)
+        if 1 in self.bit_choices:
+            raise UnsupportedBitWidth(f"bit-plane quantization nests widths >= 2 only, got bit choices "
+                                      f"{list(self.bit_choices)} (1 bit is a sign with its own scale)")
+
+    @property
+    def master_bits(self) -> int:
+        """The stored width: every other width is sliced from its codes."""
+        return self.bit_choices[-1]
+
+    def encode(self, w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        codes, scale = super().encode(w, self.master_bits)
+        return self.narrow(codes, scale, bits)
+
+    def narrow(self, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scale)`` at ``bits`` from the master width's ``(codes, scale)``."""
+        shift = self.master_bits - bits
+        return slice_codes(codes, self.master_bits, bits), scale * float(2 ** shift)
+
+
+QUANTIZERS: Dict[str, type] = {"max": MaxScaleQuantizer, "lsq": LearnedScaleQuantizer, "std_alpha": StdScaleQuantizer,
+                               "bitplane": BitPlaneQuantizer}
