@@ -6,9 +6,9 @@ configuration, in its own subprocess (so peak RSS after load is that configurati
 * ``fp32``: the float model;
 * ``torch_dynamic_int8``: every Linear through PyTorch's dynamic int8 (what ESPnet's
   ``asr_inference --quantize_asr_model true`` does; fp weights re-quantized at load);
-* ``packed<n>_<kernel>``: a QAT model (front end, encoder, decoder, embedding, output layer at n
-  bits, per-channel) packed with :mod:`espnet_compress.quant.packed`, loaded back through the same
-  hook stock ``Speech2Text`` uses, frozen on one kernel (``dequant`` | ``qdyn`` | ``int4`` | ``auto``);
+* ``packed<n>_<kernel>``: a QAT model (front end, encoder, decoder, embedding, output layer and
+  CTC projection at n bits, per-channel) packed with :mod:`espnet_compress.quant.packed`, loaded
+  back through the same hook stock ``Speech2Text`` uses, frozen on one kernel (``dequant`` | ``qdyn`` | ``int4`` | ``auto``);
 * ``nested_<name>[_packed8]``: the structural systems a nested supernet exports (fewer blocks,
   narrower FFN), fp32 and packed 8-bit on ``auto``.
 
@@ -72,6 +72,7 @@ def build(spec: Mapping[str, Any]):
     import torch
     from espnet2.asr.ctc import CTC
     from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
+    from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 
     from espnet_compress.encoders.aliases import QuantizedConformerEncoder
     from espnet_compress.models.compressed_asr import CompressedASRModel
@@ -85,14 +86,16 @@ def build(spec: Mapping[str, Any]):
     dec_conf = {k: (0.0 if k.endswith("dropout_rate") else v) for k, v in conf["decoder_conf"].items()}
     torch.manual_seed(0)
     quant = {"bits": bits, "per_channel": True} if bits else None
-    encoder = QuantizedConformerEncoder(FEAT_DIM, quant_conf=dict(quant, conv2d=True) if quant else None, **enc_conf) \
-        if quant else QuantizedConformerEncoder(FEAT_DIM, **enc_conf)
+    # float configs are ESPnet's own Conformer: what a user compares against, and plain nn.Linear
+    # layers for torch's quantize_dynamic (it swaps exact types only)
+    encoder = QuantizedConformerEncoder(FEAT_DIM, quant_conf=dict(quant, conv2d=True), **enc_conf) if quant \
+        else ConformerEncoder(FEAT_DIM, **enc_conf)
     d = enc_conf["output_size"]
     token_list = ["<blank>", *[f"t{i}" for i in range(VOCAB - 2)], "<sos/eos>"]
     return CompressedASRModel(
         vocab_size=VOCAB, token_list=token_list, frontend=None, specaug=None, normalize=None, preencoder=None,
         encoder=encoder, postencoder=None, decoder=TransformerDecoder(VOCAB, d, **dec_conf), ctc=CTC(VOCAB, d),
-        joint_network=None, decoder_quant=dict(quant, embedding=True) if quant else None,
+        joint_network=None, decoder_quant=dict(quant, embedding=True, ctc=True) if quant else None,
         **conf["model_conf"]).eval()
 
 
