@@ -45,7 +45,7 @@ class SampleRate:
 
 
 @dataclass(frozen=True)
-class _Row:
+class TableRow:
     """One ``key value`` line of a Kaldi table file, kept with its line number."""
 
     line_no: int
@@ -118,16 +118,16 @@ def validate_data_dir(path: PathLike, sample_rate: Optional[SampleRate] = None) 
         if not (data_dir / name).is_file():
             raise DataDirError(f"{data_dir / name}: missing (required: {', '.join(REQUIRED_FILES)})")
 
-    wav_scp = _read_table(data_dir / "wav.scp")
-    text = _read_table(data_dir / "text")
-    utt2spk = _read_table(data_dir / "utt2spk")
+    wav_scp = read_table(data_dir / "wav.scp")
+    text = read_table(data_dir / "text")
+    utt2spk = read_table(data_dir / "utt2spk")
     _check_same_ids(data_dir / "text", text, data_dir / "wav.scp", wav_scp)
     _check_same_ids(data_dir / "utt2spk", utt2spk, data_dir / "wav.scp", wav_scp)
     _check_transcripts(data_dir / "text", text)
     _check_wav_paths(data_dir / "wav.scp", wav_scp, sample_rate)
     _check_speaker_prefixes(data_dir / "utt2spk", utt2spk)
     if (data_dir / "spk2utt").exists():
-        _check_spk2utt(data_dir / "spk2utt", _read_table(data_dir / "spk2utt"), utt2spk)
+        _check_spk2utt(data_dir / "spk2utt", read_table(data_dir / "spk2utt"), utt2spk)
     return len(wav_scp)
 
 
@@ -152,23 +152,23 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _read_table(path: Path) -> list[_Row]:
+def read_table(path: Path) -> list[TableRow]:
     """Parse a ``key value`` table, enforcing sorted, unique, well-formed keys."""
-    rows: list[_Row] = []
+    rows: list[TableRow] = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             line = line.rstrip("\n")
             if not line or line[0].isspace():
                 raise DataDirError(f"{path}: line {line_no} is empty or starts with whitespace")
             key, _, value = line.partition(" ")
-            row = _Row(line_no, key, value.strip())
+            row = TableRow(line_no, key, value.strip())
             if rows and row.key <= rows[-1].key:
                 _raise_order_error(path, row, rows[-1])
             rows.append(row)
     return rows
 
 
-def _raise_order_error(path: Path, row: _Row, previous: _Row) -> None:
+def _raise_order_error(path: Path, row: TableRow, previous: TableRow) -> None:
     """Explain a duplicate or out-of-order key and how to fix it."""
     if row.key == previous.key:
         raise DataDirError(
@@ -180,7 +180,7 @@ def _raise_order_error(path: Path, row: _Row, previous: _Row) -> None:
     )
 
 
-def _check_same_ids(path: Path, rows: list[_Row], ref_path: Path, ref_rows: list[_Row]) -> None:
+def _check_same_ids(path: Path, rows: list[TableRow], ref_path: Path, ref_rows: list[TableRow]) -> None:
     """Require ``rows`` to have exactly the ids of ``ref_rows``; report the first difference."""
     ids = {row.key for row in rows}
     ref_ids = {row.key for row in ref_rows}
@@ -192,14 +192,14 @@ def _check_same_ids(path: Path, rows: list[_Row], ref_path: Path, ref_rows: list
         raise DataDirError(f"{path}: missing utterance {missing[0]!r}, which is in {ref_path.name}")
 
 
-def _check_transcripts(path: Path, rows: list[_Row]) -> None:
+def _check_transcripts(path: Path, rows: list[TableRow]) -> None:
     """Empty references make WER undefined and break token-list building."""
     for row in rows:
         if not row.value:
             raise DataDirError(f"{path}: empty transcript for {row.key!r} at line {row.line_no}")
 
 
-def _check_wav_paths(path: Path, rows: list[_Row], sample_rate: Optional[SampleRate] = None) -> None:
+def _check_wav_paths(path: Path, rows: list[TableRow], sample_rate: Optional[SampleRate] = None) -> None:
     """Check that referenced audio exists (and, with ``sample_rate``, its header); piped commands
     are not executed and archive entries (``x.ark:offset``) are only checked for existence."""
     for row in rows:
@@ -213,7 +213,7 @@ def _check_wav_paths(path: Path, rows: list[_Row], sample_rate: Optional[SampleR
             _check_audio_header(path, row, audio, sample_rate)
 
 
-def _check_audio_header(path: Path, row: _Row, audio: Path, sample_rate: SampleRate) -> None:
+def _check_audio_header(path: Path, row: TableRow, audio: Path, sample_rate: SampleRate) -> None:
     """ESPnet's ``sound`` reader (soundfile) must read the file as mono audio at the config's rate."""
     import soundfile  # only here: the rest of this module needs nothing beyond the standard library
 
@@ -232,7 +232,7 @@ def _check_audio_header(path: Path, row: _Row, audio: Path, sample_rate: SampleR
         )
 
 
-def _check_speaker_prefixes(path: Path, rows: list[_Row]) -> None:
+def _check_speaker_prefixes(path: Path, rows: list[TableRow]) -> None:
     """Kaldi needs utt ids prefixed by speaker ids so one sort orders both."""
     previous_spk = ""
     for row in rows:
@@ -251,7 +251,7 @@ def _check_speaker_prefixes(path: Path, rows: list[_Row]) -> None:
         previous_spk = row.value
 
 
-def _check_spk2utt(path: Path, rows: list[_Row], utt2spk: list[_Row]) -> None:
+def _check_spk2utt(path: Path, rows: list[TableRow], utt2spk: list[TableRow]) -> None:
     """``spk2utt`` must be the exact inverse of ``utt2spk`` (same utterance order)."""
     expected: dict[str, list[str]] = {}
     for row in utt2spk:

@@ -320,14 +320,14 @@ def held_out_batches(data_dir: PathLike, train_args: Any, num_utts: int = 64, ba
     import soundfile
 
     from espnet2.tasks.asr import ASRTask
-    from espnet_compress.corpus.kaldi_dir import _read_table, validate_data_dir
+    from espnet_compress.corpus.kaldi_dir import read_table, validate_data_dir
 
     if num_utts <= 0 or batch_size <= 0:
         raise SensitivityError(f"num_utts and batch_size must be positive, got {num_utts}, {batch_size}")
     data_dir = Path(data_dir)
     validate_data_dir(data_dir)
-    wavs = _read_table(data_dir / "wav.scp")[:num_utts]
-    texts = {r.key: r.value for r in _read_table(data_dir / "text")}
+    wavs = read_table(data_dir / "wav.scp")[:num_utts]
+    texts = {r.key: r.value for r in read_table(data_dir / "text")}
     preprocess = ASRTask.build_preprocess_fn(train_args, train=False)
     items = []
     for row in wavs:
