@@ -14,10 +14,12 @@ checkpoint each quantized layer is converted once to the fastest available CPU p
 
 The weight-only kernels (``int8``/``int4``) are made for one-row LLM decoding and lose to fp32 BLAS
 on Conformer shapes; the int8 x int8 GEMM is the one that can beat fp32 (measured 1.4-2.9x on
-256x1024 .. 512x2048 layers, AVX2, one thread). ``kernel="auto"`` times the candidate paths once
-per distinct layer shape on this machine, keeps the fastest, and logs the choice with the CPU's
-instruction set (:func:`cpu_features`). Only Linear layers have integer kernels; Conv1d/Conv2d and
-Embedding layers are dequantized once at load (their file is still packed).
+isolated 256x1024 .. 512x2048 layers, AVX2, one thread; inside the whole LibriSpeech-100 model
+on the project's AVX2 machine it did not, see ``benchmarks/speed.py``). ``kernel="auto"`` times
+the candidate paths once per distinct layer shape on this machine, keeps the fastest, and logs
+the choice with the CPU's instruction set (:func:`cpu_features`). Only Linear layers have
+integer kernels; Conv1d/Conv2d and Embedding layers are dequantized once at load (their file is
+still packed).
 """
 from __future__ import annotations
 
