@@ -175,3 +175,18 @@ def test_a_standalone_system_export_keeps_the_sliced_codes(asr_task, supernet, s
     speech = torch.randn(1, 64, FEAT_DIM, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_encode(standalone.eval(), speech), _encode(trained.eval(), speech),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_malformed_nested_mark_is_refused_by_tensor(tmp_path):
+    """Format-1 headers are not covered by the checksum, so the record checks must catch this."""
+    from tests.test_packed_integrity import LEGACY, _rewrite_header
+
+    src = LEGACY / "qat4_packed" / "model.packed.pth"
+    word = tmp_path / "word.pth"
+    _rewrite_header(src, word, lambda h: next(r for r in h["tensors"] if r["bits"]).update(nested="yes"))
+    with pytest.raises(PackedModelError, match=r"word.pth: tensor '.*': 'nested' must be true or false, got 'yes'"):
+        load_packed(word)
+    raw = tmp_path / "raw.pth"
+    _rewrite_header(src, raw, lambda h: next(r for r in h["tensors"] if not r["bits"]).update(nested=True))
+    with pytest.raises(PackedModelError, match=r"raw.pth: tensor '.*': marked nested \(bit planes\) but stored in full"):
+        load_packed(raw)
