@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -34,6 +31,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.main_job import run_beside_main_job  # noqa: E402
 from benchmarks.nested_supernet import tagged  # noqa: E402
 from espnet_compress.export.packed_export import PACKED_NAME  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
@@ -56,21 +54,8 @@ def systems() -> List[str]:
 
 def train(main_job: Path, run_dir: Path) -> None:
     """``run_tiny`` with the main job's systems (reused) and the bit-plane supernet."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in REUSED:
-        src, dst = main_job / name, run_dir / name
-        if src.exists() and not dst.exists():
-            shutil.copytree(src, dst, copy_function=os.link) if src.is_dir() else shutil.copy(src, dst)
-    source = json.loads((main_job / "data_source.json").read_text())
-    control = "control=fp32_finetune"
-    cmd = [sys.executable, "-m", "espnet_compress.bin.run_tiny", "--out_dir", str(run_dir), "--nj", "1",
-           "--data_dir", str(source["data_dir"]),
-           "--system", f"conformer={CONF_DIR / 'train_asr_conformer_tiny.yaml'}",
-           "--system", f"fp32_finetune={CONF_DIR / 'train_asr_conformer_tiny_finetune.yaml'},init_from=conformer",
-           "--system", f"qat_8bit={CONF_DIR / 'train_asr_quantized_conformer_tiny_8bit.yaml'},init_from=conformer,packed,{control}",
-           "--system", f"qat_4bit={CONF_DIR / 'train_asr_quantized_conformer_tiny_4bit.yaml'},init_from=conformer,packed,{control}",
-           "--system", f"{NAME}={CONFIG},init_from=conformer,packed,{control}"]
-    subprocess.run(cmd, check=True)
+    qat = {f"qat_{b}bit": CONF_DIR / f"train_asr_quantized_conformer_tiny_{b}bit.yaml" for b in (8, 4)}
+    run_beside_main_job(main_job, run_dir, REUSED, {**qat, NAME: CONFIG})
 
 
 def _packed_experiment(run_dir: Path) -> AsrExperiment:

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -42,6 +39,7 @@ from espnet_compress.mixed_precision.sensitivity import (config_fragment, held_o
                                                          merge_fragment)
 from espnet_compress.pipeline.tiny import CONF_DIR
 from espnet_compress.utils.io import atomic_write_text
+from main_job import run_beside_main_job  # benchmarks/ (the script's directory)
 
 QAT_CONFIG = CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml"
 SYSTEMS = ("mp_kl4", "mp_hand", "mp_kl", "mp_rand")
@@ -113,20 +111,7 @@ def prepare(main_job: Path, out: Path, num_utts: int, seed: int) -> Dict[str, Pa
 
 def run(main_job: Path, run_dir: Path, configs: Dict[str, Path], only: List[str]) -> None:
     """``run_tiny`` with the main job's systems (reused) and the chosen new ones."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in REUSED:
-        src, dst = main_job / name, run_dir / name
-        if src.exists() and not dst.exists():
-            shutil.copytree(src, dst, copy_function=os.link) if src.is_dir() else shutil.copy(src, dst)
-    source = json.loads((main_job / "data_source.json").read_text())
-    cmd = [sys.executable, "-m", "espnet_compress.bin.run_tiny", "--out_dir", str(run_dir), "--nj", "1",
-           "--data_dir", str(source["data_dir"]),
-           "--system", f"conformer={CONF_DIR / 'train_asr_conformer_tiny.yaml'}",
-           "--system", f"fp32_finetune={CONF_DIR / 'train_asr_conformer_tiny_finetune.yaml'},init_from=conformer",
-           "--system", f"qat_4bit={QAT_CONFIG},init_from=conformer,packed,control=fp32_finetune"]
-    for name in only:
-        cmd += ["--system", f"{name}={configs[name]},init_from=conformer,packed,control=fp32_finetune"]
-    subprocess.run(cmd, check=True)
+    run_beside_main_job(main_job, run_dir, REUSED, {"qat_4bit": QAT_CONFIG, **{n: configs[n] for n in only}})
 
 
 def report(runs: List[Path], out: Path) -> None:

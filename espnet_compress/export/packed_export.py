@@ -36,8 +36,7 @@ import yaml
 
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import PACKINGS
-from espnet_compress.quant.packed import _FLOAT_DTYPES, is_packed, save_packed, size_report
-from espnet_compress.quant.quantizers import BitPlaneQuantizer
+from espnet_compress.quant.packed import _FLOAT_DTYPES, is_packed, save_packed, size_report, stores_planes
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ def bit_plane_systems(model: torch.nn.Module, config: Path) -> List[str]:
     layer in full precision is refused by name: give it bits, or export it with ``export_system``."""
     systems = list(getattr(model, "systems", None) or {})
     qmods = quantized_modules(model)
-    if not systems or not all(isinstance(m.weight_quantizer, BitPlaneQuantizer) for m in qmods.values()):
+    if not systems or not all(stores_planes(m) for m in qmods.values()):
         return []
     active = model.active_system
     try:

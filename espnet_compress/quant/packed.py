@@ -35,7 +35,7 @@ from espnet_compress.env import settings
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import check_packing, nbytes, pack, unpack
 from espnet_compress.quant.inference import freeze_for_inference
-from espnet_compress.quant.quantizers import SUPPORTED_BITS, BitPlaneQuantizer
+from espnet_compress.quant.quantizers import SUPPORTED_BITS, BitPlaneQuantizer, WeightQuantizer
 from espnet_compress.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class PackedState:
     encodings: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]
     header: Dict[str, Any]
     nested: FrozenSet[str] = frozenset()  # keys stored as bit planes
+    dequantized: bool = True  # False: quantized weights in ``tensors`` are shape-only placeholders
 
 
 def _group(name: str, bits: int) -> str:
@@ -124,7 +125,7 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
     if fp_dtype not in _FLOAT_DTYPES or scale_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"fp_dtype/scale_dtype must be one of {sorted(_FLOAT_DTYPES)}")
     check_packing(ternary_packing, 2)
-    qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items() if m.bits or (planes and _planes(m))}
+    qmods = {f"{n}.weight": m for n, m in quantized_modules(model).items() if m.bits or (planes and stores_planes(m))}
     records: List[TensorRecord] = []
     chunks: List[bytes] = []
     offset = 0
@@ -132,7 +133,7 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
         tensor = tensor.detach().cpu()
         if name in qmods:
             module = qmods[name]
-            nested = planes and _planes(module)
+            nested = planes and stores_planes(module)
             bits = module.weight_quantizer.master_bits if nested else module.bits
             if encodings is not None and name in encodings:
                 codes, scale = encodings[name]
@@ -168,7 +169,7 @@ def pack_model(model: torch.nn.Module, fp_dtype: str = "float32", scale_dtype: s
     return header, blob
 
 
-def _planes(module: torch.nn.Module) -> bool:
+def stores_planes(module: torch.nn.Module) -> bool:
     """Whether a quantized module stores bit planes (narrower widths sliced from its codes)."""
     return isinstance(module.weight_quantizer, BitPlaneQuantizer)
 
@@ -316,7 +317,7 @@ def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint
     if version < FORMAT_VERSION:
         log.info("%s: packed format %d (header not covered by the checksum); records checked one by one",
                  source, version)
-    return PackedState(out, encodings, header, nested)
+    return PackedState(out, encodings, header, nested, dequantize)
 
 
 def _placeholder(rec: Mapping[str, Any]) -> torch.Tensor:
@@ -325,8 +326,7 @@ def _placeholder(rec: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
-    s = scale if scale.dim() == 0 else scale.reshape(-1, *([1] * (codes.dim() - 1)))
-    return (codes.float() * s).to(getattr(torch, dtype))
+    return WeightQuantizer.decode(codes, scale.float(), codes).to(getattr(torch, dtype))
 
 
 def check_against_model(packed: PackedState, model: torch.nn.Module, source: str,
@@ -400,9 +400,8 @@ def at_model_widths(packed: PackedState, model: torch.nn.Module) -> PackedState:
         codes, scale, _ = packed.encodings[name]
         codes, scale = module.weight_quantizer.narrow(codes, scale, module.bits)
         encodings[name] = (codes, scale, module.bits)
-        old = packed.tensors[name]
-        if any(old.stride()):  # a dequantized weight (not a placeholder): at the new width too
-            tensors[name] = _dequantize(codes, scale, str(old.dtype).replace("torch.", ""))
+        if packed.dequantized:
+            tensors[name] = _dequantize(codes, scale, str(packed.tensors[name].dtype).replace("torch.", ""))
     return dataclasses.replace(packed, tensors=tensors, encodings=encodings)
 
 
