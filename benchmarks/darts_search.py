@@ -55,6 +55,7 @@ from nested_supernet import (  # noqa: E402
 )
 
 from espnet_compress.export.search_export import RECORD, derive_search  # noqa: E402
+from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
 from espnet_compress.pipeline.search import split_held_out  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
 from espnet_compress.utils.io import atomic_write_text  # noqa: E402
@@ -70,6 +71,8 @@ OBJECTS: Dict[str, tuple] = {
     "both": (CONF_DIR / "train_asr_searchable_conformer_tiny_both_stage1.yaml",
              CONF_DIR / "train_asr_searchable_conformer_tiny_both_stage2.yaml"),
 }
+#: the main job's equal-compute control: the baseline fine-tuned 4 more epochs (run_tiny)
+CONTROL = "asr_fp32_finetune"
 STAGE2_MODEL = "latest.pth"  # the last epoch: the best-accuracy one may precede the annealing
 
 
@@ -114,6 +117,7 @@ class Result:
     stage1_cpu: Optional[float]
     stage2_cpu: Optional[float]
     finetune_cpu: Optional[float]
+    vs_control: str
 
 
 def _link(target: Path, link: Path) -> None:
@@ -130,18 +134,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--etas", type=float, nargs="+", default=[0.0, 2.0, 8.0], help="Gumbel width-search eta sweep")
     p.add_argument("--softmax_eta", type=float, default=2.0, help="eta of the plain-softmax ablation")
     p.add_argument("--object_eta", type=float, default=2.0, help="eta of the rank-only and both searches")
+    p.add_argument("--stage1_from_baseline", type=int, default=None, metavar="EPOCHS",
+                   help="warm start: stage 1 of the width supernet starts from the fp32 baseline's weights (at "
+                        "the largest width the supernet IS the baseline) and trains EPOCHS epochs, instead of "
+                        "training from scratch to the baseline's stopping rule")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only variants whose name starts with one of these (e.g. width_gumbel)")
     args = p.parse_args(argv)
     common = list(args.train_args)
     stage1_args = begin(args)  # logging, clean environment; --max_epoch applies to stage 1 and the baseline
     exp_dir = args.exp_dir.resolve()
-    bench = exp_dir / "benchmarks" / "darts_search"
+    kind = "darts_search" if args.stage1_from_baseline is None else "darts_search_warm"  # outputs of each kind
+    bench = exp_dir / "benchmarks" / kind
     chosen = variants(args)
     if not chosen:
         raise SystemExit(f"--only {args.only} selects no variant")
     if len([v for v in chosen if v.object == "width" and v.method == "gumbel"]) < 3 and not args.only:
         raise SystemExit("--etas needs at least 3 values to show eta controlling the size")
+
+    warm = sorted({v.object for v in chosen} - {"width"}) if args.stage1_from_baseline is not None else []
+    if warm:
+        raise SystemExit(f"--stage1_from_baseline: the {warm} supernets factorise the FFNs, so the baseline's "
+                         f"weights do not load into them; select width searches only (--only width)")
+    if args.stage1_from_baseline is not None and args.stage1_from_baseline <= 0:
+        raise SystemExit(f"--stage1_from_baseline must be a positive number of epochs, got {args.stage1_from_baseline}")
 
     template = prepare_corpus(args)
     split = split_held_out(template.data_dir / template.train_set, bench / "split", template.stats_dir,
@@ -157,12 +173,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # ---- stage 1 per object, stage 2 per variant
     stage1: Dict[str, AsrExperiment] = {}
+    stage1_epochs = args.max_epoch if args.stage1_from_baseline is None else args.stage1_from_baseline
+    warm_args = [] if args.stage1_from_baseline is None else [
+        "--max_epoch", str(stage1_epochs), "--init_param", str(baseline.exp_dir / baseline.inference_model)]
     for obj in sorted({v.object for v in chosen}, key=list(OBJECTS).index):
         stage1[obj] = dataclasses.replace(
             template, data_dir=split.out_dir, train_set=split.train_sub, stats_dir=split.stats_dir(split.train_sub),
-            exp_dir=bench / f"asr_{obj}_stage1", train_config=OBJECTS[obj][0], train_args=stage1_args)
+            exp_dir=bench / f"asr_{obj}_stage1", train_config=OBJECTS[obj][0],
+            train_args=[*stage1_args, *warm_args])
     for obj, exp in tqdm(stage1.items(), desc="stage 1 (weights)", unit="supernet"):
-        records[f"{obj}_stage1"] = timed_train(f"{obj}_stage1", exp, args.max_epoch)
+        records[f"{obj}_stage1"] = timed_train(f"{obj}_stage1", exp, stage1_epochs)
     stage2_epochs = [] if args.stage2_epochs is None else ["--max_epoch", str(args.stage2_epochs)]
     stage2: Dict[str, AsrExperiment] = {}
     for v in chosen:
@@ -199,6 +219,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     specs += [SystemSpec(name, exp.decode_dir(), exp.exp_dir / exp.inference_model) for name, exp in finetuned.items()]
     table = compare(specs, "baseline", template.data_dir, ["test"], bench / "compare")
     base_row, rows = table.rows[0], table.rows[1:]
+    # the main job's equal-compute control (the baseline fine-tuned for 4 more epochs), when it has one
+    control = dataclasses.replace(template, exp_dir=exp_dir / CONTROL)
+    vs_control: Dict[str, str] = {}
+    if control.is_trained():
+        control.decode()
+        ctrl = compare([SystemSpec(CONTROL, control.decode_dir(), control.exp_dir / control.inference_model),
+                        *specs[1:]], CONTROL, template.data_dir, ["test"], bench / "compare_vs_control")
+        vs_control = {row.spec.name: verdict_text(row.significance["test"]) for row in ctrl.rows[1:]}
+        vs_control["control_wer"] = f"{ctrl.rows[0].wer['test'].wer:.2f}%"
+        vs_control["control_epochs"] = str(training_summary(control.exp_dir).epochs)
     results = []
     for v, row in zip(chosen, rows):
         sig = row.significance["test"]
@@ -206,22 +236,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             variant=v, architecture=derived[v.name]["architecture"], stock=derived[v.name]["stock"],
             params=row.num_params, bytes=row.checkpoint_bytes, wer=row.wer["test"].wer, verdict=verdict_text(sig),
             p_value=None if sig is None else sig.p_value, stage1_cpu=records[f"{v.object}_stage1"].cpu_seconds,
-            stage2_cpu=records[f"{v.name}_stage2"].cpu_seconds, finetune_cpu=records[f"{v.name}_finetune"].cpu_seconds))
+            stage2_cpu=records[f"{v.name}_stage2"].cpu_seconds, finetune_cpu=records[f"{v.name}_finetune"].cpu_seconds,
+            vs_control=vs_control.get(v.name, "no control")))
     base = {"params": base_row.num_params, "bytes": base_row.checkpoint_bytes, "wer": base_row.wer["test"].wer,
             "train_cpu": records["baseline"].cpu_seconds, "train_seconds": records["baseline"].seconds,
-            "exp_dir": str(baseline.exp_dir)}
+            "exp_dir": str(baseline.exp_dir), "control_wer": vs_control.get("control_wer", "no control"),
+            "control_epochs": vs_control.get("control_epochs", "-")}
     if base["train_cpu"] is None:
         base["train_cpu"] = read_train_seconds(baseline.exp_dir)[2]
     report = _report(results, base, args, split, table.to_markdown())
     out_dir = exp_dir / "benchmarks"
-    atomic_write_text(out_dir / "darts_search.md", report)
-    atomic_write_text(out_dir / "darts_search.json", json.dumps({
+    atomic_write_text(out_dir / f"{kind}.md", report)
+    atomic_write_text(out_dir / f"{kind}.json", json.dumps({
         "baseline": base, "results": [dict(dataclasses.asdict(r), name=r.variant.name) for r in results],
-        "epochs": {"stage1_and_baseline": args.max_epoch, "stage2": args.stage2_epochs,
+        "epochs": {"baseline": args.max_epoch, "stage1": stage1_epochs, "stage1_from_baseline": warm_args != [], "stage2": args.stage2_epochs,
                    "finetune": args.finetune_epochs},
         "held_out": {"fraction": args.held_out_fraction, "train_sub": split.num_sub, "held_out": split.num_held_out},
     }, indent=2, default=str) + "\n")
-    _plot(results, base, out_dir / "darts_search_wer_vs_params.png")
+    _plot(results, base, out_dir / f"{kind}_wer_vs_params.png")
     print(report)
     return 0
 
@@ -236,28 +268,35 @@ def _compact(architecture: Dict[str, Dict[str, list]]) -> str:
     return "; ".join(parts)
 
 
+def _stage1_text(args: argparse.Namespace) -> str:
+    if args.stage1_from_baseline is not None:
+        return (f"baseline {args.max_epoch or 'configs default'}; stage 1 warm-started from the trained baseline "
+                f"(the width supernet at its largest width is the baseline) for {args.stage1_from_baseline} more")
+    return f"stage 1 and the baseline {args.max_epoch or 'configs default'}"
+
+
 def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Namespace, split, scoring: str) -> str:
     lines = [
         "## DARTS search over FFN widths and bottlenecks (benchmarks/darts_search.py)",
         "",
         f"Held-out split: {split.num_sub} utterances train the supernets' weights (stage 1), {split.num_held_out} "
         f"the architecture weights (stage 2); dev is the validation set of every run, test is only decoded. "
-        f"Epochs: stage 1 and the baseline {args.max_epoch or 'configs default'}, stage 2 "
+        f"Epochs: {_stage1_text(args)}, stage 2 "
         f"{args.stage2_epochs or 'configs default'}, fine-tuning of each derived model {args.finetune_epochs} "
         f"(full training set, from the inherited weights).",
         "",
         "| search | eta | architecture (per block; FW-m = macaron FFN) | parameters | x smaller | bytes | WER test | "
-        "MAPSSWE vs baseline | CPU s stage 1 / stage 2 / fine-tune |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|",
+        "MAPSSWE vs baseline | vs control | CPU s stage 1 / stage 2 / fine-tune |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|---|",
         f"| fp32 baseline | | 4 x FFN 384 | {base['params']:,} | 1.00 | {base['bytes']:,} | {base['wer']:.2f}% | "
-        f"baseline | training {fmt_seconds(base['train_cpu'])} |",
+        f"baseline | control {base['control_wer']} | training {fmt_seconds(base['train_cpu'])} |",
     ]
     for r in results:
         ratio = base["params"] / r.params if r.params else float("nan")
         lines.append(
             f"| {r.variant.object} {r.variant.method} | {r.variant.eta:g} | {_compact(r.architecture)}"
             f"{' (stock conformer)' if r.stock else ''} | {r.params:,} | {ratio:.2f} | {r.bytes:,} | {r.wer:.2f}% | "
-            f"{r.verdict} | {fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / {fmt_seconds(r.finetune_cpu)} |")
+            f"{r.verdict} | {r.vs_control} | {fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / {fmt_seconds(r.finetune_cpu)} |")
     sweep = sorted((r for r in results if r.variant.object == "width" and r.variant.method == "gumbel"),
                    key=lambda r: r.variant.eta)
     if len(sweep) >= 2:
@@ -269,6 +308,8 @@ def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Name
     uniform = [r.variant.name for r in results if all(len(set(v)) == 1 for kind in r.architecture.values()
                                                        for v in kind.values())]
     lines += ["", f"Searches whose answer is uniform across blocks: {uniform or 'none'}.",
+              "", f"Control: the main job's fp32 baseline fine-tuned {base['control_epochs']} more epochs with the QAT schedule "
+                  f"({CONTROL}); every searched model trained more than the baseline (stage 1 + fine-tuning).",
               "", "Search cost = stage 1 (shared by every search of the same object) + stage 2; CPU time is "
               "user+sys of asr_train (robust to other load on the machine).", "", "### Scoring", "", scoring]
     return "\n".join(lines) + "\n"

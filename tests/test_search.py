@@ -299,6 +299,46 @@ def test_a_uniform_answer_exports_as_a_stock_conformer(asr_task, tmp_path):
     assert type(stock.encoder).__name__ == "ConformerEncoder" and out.max_abs_diff < 1e-5
 
 
+def test_a_derived_architecture_quantizes_and_packs(asr_task, tmp_path):
+    """The paper's order, searched architecture -> QAT -> packed file: ``quant_conf`` on a derived
+    (``fixed``) model puts quantizers on the rebuilt FFN layers, low-rank factors included, with the
+    bits of its per-module rules, and the packed file computes what the QAT model computed."""
+    from espnet2.tasks.asr import ASRTask
+
+    from espnet_compress.export.packed_export import export_packed
+    from espnet_compress.quant.api import quantized_modules
+
+    net, args = model(asr_task, tmp_path, dict(BOTH, eta=1.0))
+    randomise_alpha(search_feature(net.encoder))
+    out = derive_search(_save(net, args, tmp_path), tmp_path / "model.pth", tmp_path / "derived")
+    assert not out.stock
+    conf = yaml.safe_load(out.config.read_text())
+    conf["encoder_conf"]["quant_conf"] = {"bits": {"encoders.*.feed_forward.*": 2, "*": 4}}
+    qat_dir = tmp_path / "qat"
+    qat_dir.mkdir()
+    (qat_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    qat, _ = ASRTask.build_model_from_file(qat_dir / "config.yaml", out.model_file, "cpu")
+    quantized = quantized_modules(qat.encoder)
+    derived = search_feature(qat.encoder).fixed
+    for b, (width, rank) in enumerate(zip(derived["width"]["feed_forward"], derived["rank"]["feed_forward"])):
+        ffn = qat.encoder.encoders[b].feed_forward
+        assert ffn.w_1.affine.out_features == width and ffn.w_1.proj.out_features == rank
+        for layer in ("w_1.proj", "w_1.affine", "w_2.proj", "w_2.affine"):
+            assert quantized[f"encoders.{b}.feed_forward.{layer}"].bits == 2
+        assert quantized[f"encoders.{b}.feed_forward_macaron.w_1.proj"].bits == 4
+    torch.save(qat.state_dict(), qat_dir / "model.pth")
+    packed = export_packed(qat_dir / "config.yaml", qat_dir / "model.pth", qat_dir / "packed")
+    histogram = packed.report["bits_histogram"]
+    ffn_2bit = sum(m.weight.numel() for n, m in quantized.items() if ".feed_forward." in n)
+    assert set(histogram) == {"2", "4"} and histogram["2"]["params"] == ffn_2bit
+    loaded, _ = ASRTask.build_model_from_file(packed.config_file, packed.packed_file, "cpu")
+    x, lengths = x_and_lengths()
+    with torch.no_grad():
+        want = qat.eval().encoder(x, lengths)[0]
+        got = loaded.eval().encoder(x, lengths)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("search,needle", [
     ({"widths": [16, 64]}, "encoder_conf.search.widths: [64] above the physical FFN width"),

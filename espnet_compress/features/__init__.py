@@ -16,11 +16,13 @@ from espnet_compress.features.fold import FoldFeature
 from espnet_compress.features.quantize import QuantizeFeature
 from espnet_compress.features.search import SearchFeature
 
-#: ``encoder_conf`` key -> feature class, in the order their hooks run
+#: ``encoder_conf`` key -> feature class, in the order their hooks run. Quantization attaches last:
+#: a derived search architecture (``search.fixed``) rebuilds FFN layers at their own sizes, and the
+#: quantizers must go on those layers (searched architecture -> mixed precision -> QAT).
 FEATURES: Dict[str, Type[EncoderFeature]] = {
-    QuantizeFeature.KEY: QuantizeFeature,
     FoldFeature.KEY: FoldFeature,
     SearchFeature.KEY: SearchFeature,
+    QuantizeFeature.KEY: QuantizeFeature,
 }
 
 

@@ -319,9 +319,10 @@ class SearchFeature(EncoderFeature):
 
     # ------------------------------------------------------------------ hooks
     def attach(self, encoder: "ElasticEncoder") -> None:
-        if "quant_conf" in encoder.features:
-            raise SearchConfigError(f"{self.where}: cannot be combined with encoder_conf.quant_conf; search the "
-                                    f"architecture first, then quantize the derived model (the paper's order)")
+        if "quant_conf" in encoder.features and self.fixed is None:
+            raise SearchConfigError(f"{self.where}: a search cannot be combined with encoder_conf.quant_conf; search "
+                                    f"the architecture first, then quantize the derived model (search.fixed, the "
+                                    f"paper's order)")
         blocks = list(encoder.blocks.physical_blocks())
         for b, block in enumerate(blocks):
             for name, ffn in block.named_children():
