@@ -54,6 +54,7 @@ from nested_supernet import (  # noqa: E402
     prepare_corpus,
     read_train_seconds,
     save_plot,
+    tagged,
     timed_train,
 )
 
@@ -105,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget", type=float, default=3.0, help="average bits of the allocated layers")
     p.add_argument("--front_bits", type=int, default=4,
                    help="bits of the Conv2d subsampling, token embedding and CTC projection (0: fp32)")
-    p.add_argument("--num_utts", type=int, default=64, help="dev utterances Omega is measured on")
+    p.add_argument("--num_utts", type=int, default=32, help="dev utterances Omega is measured on (as mixed_precision.py)")
     args = p.parse_args(argv)
     train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
@@ -157,7 +158,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         export_packed(qat.exp_dir / "config.yaml", qat.exp_dir / qat.inference_model, packed_dir)
         atomic_write_text(packed_dir / "export.done", "done\n")
     packed_file = packed_dir / "model.packed.pth"
-    for exp in (baseline, control, searched, qat):
+    # the searched model decoded here, not in its training dir: darts_search.py may be decoding it there
+    searched_dec = tagged(searched, decode_root=bench.parent / f"decode_{args.search_run}_{args.variant}")
+    for exp in (baseline, control, searched_dec, qat):
         exp.decode()
 
     # ---- 4. scoring
@@ -167,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     files = {"baseline": baseline.exp_dir / baseline.inference_model,
              "fp32_finetune": control.exp_dir / control.inference_model,
              "searched": searched_model, "pipeline": packed_file}
-    exps: Dict[str, AsrExperiment] = {"baseline": baseline, "fp32_finetune": control, "searched": searched,
+    exps: Dict[str, AsrExperiment] = {"baseline": baseline, "fp32_finetune": control, "searched": searched_dec,
                                       "pipeline": qat}
     params = {"baseline": count_parameters(ASRTask.build_model_from_file(baseline.exp_dir / "config.yaml", None,
                                                                          "cpu")[0]),
@@ -192,7 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for row in vs_base.rows:
         name = row.spec.name
         parts = [training_summary(d) for d in chain[name]]
-        cpu = [read_train_seconds(d)[2] for d in chain[name]]
+        timings = [read_train_seconds(d) for d in chain[name]]  # (wall, source, CPU or None)
+        cpu = [c if c is not None else w for w, _, c in timings]  # wall time where CPU time is unknown
         sig, csig = row.significance.get("test"), ctrl_sig.get(name)
         size = files[name].stat().st_size
         rows.append({
@@ -200,6 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "ratio": base_bytes / size,
             "trained": " + ".join(f"{s.epochs} ep/{s.updates} upd" for s in parts),
             "cpu_seconds": None if any(c is None for c in cpu) else sum(cpu),
+            "wall_in_time": any(c is None for _, _, c in timings),
             "vs_baseline": verdict_text(sig), "p_baseline": None if sig is None else sig.p_value,
             "vs_control": "reference" if name == "fp32_finetune" else verdict_text(csig) if name in ctrl_sig else "",
             "p_control": None if csig is None else csig.p_value,
@@ -212,13 +217,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"measured layers (budget {args.budget:g}, Omega on {table.num_utts} dev utterances); subsampling "
         f"Conv2d, token embedding and CTC projection at "
         f"{args.front_bits or 'fp32'}{' bits' if args.front_bits else ''}. The pipeline row is the packed file "
-        f"(`export_packed`); the others are fp32 checkpoints. MAPSSWE two-sided, alpha 0.05.", "",
+        f"(`export_packed`); the others are fp32 checkpoints. MAPSSWE two-sided, alpha 0.05. Training time: "
+        f"CPU time (user+sys) of every stage, summed; * = a stage's CPU time is unknown (a training the main "
+        f"job ran without this timer) and its wall time from train.log is counted instead.", "",
         "| system | trained for (each stage: epochs / updates) | CPU time | parameters | bytes | x smaller "
         "| WER test | vs baseline | vs fp32 control |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        cpu = "?" if r["cpu_seconds"] is None else f"{r['cpu_seconds'] / 60:.0f} min"
+        cpu = "?" if r["cpu_seconds"] is None else f"{r['cpu_seconds'] / 60:.0f} min{'*' if r['wall_in_time'] else ''}"
         lines.append(f"| {r['system']} | {r['trained']} | {cpu} | {r['params']:,} | {r['bytes']:,} | "
                      f"{r['ratio']:.1f}x | {r['wer']:.2f}% | {r['vs_baseline']} | {r['vs_control']} |")
     out = exp_dir / "benchmarks"

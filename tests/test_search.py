@@ -160,6 +160,29 @@ def test_penalty_gradient_reaches_alpha_and_only_alpha_in_stage_2(asr_task, tmp_
     assert int(feature.arch.arch_steps) == 1  # stage-2 steps drive the temperature
 
 
+def test_a_stage_2_search_is_reproducible_from_its_seed(asr_task, tmp_path):
+    """The Gumbel noise comes from torch's generator, which asr_train seeds (``seed``): the same seed
+    gives the same alpha after several stage-2 steps, another seed different ones."""
+    search = dict(WIDTHS, eta=1.0, stage="arch", held_out=str(held_out_dir(tmp_path)))
+
+    def alpha_after_steps(seed: int) -> torch.Tensor:
+        net, _ = model(asr_task, tmp_path, search)
+        freeze(net, ARCH_FROZEN_PREFIXES)
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)  # Adam's first steps are ±lr whatever the noise
+        net.train()
+        data = batch()  # (it seeds torch's generator itself)
+        torch.manual_seed(seed)
+        for _ in range(3):
+            opt.zero_grad()
+            net(**data)[0].backward()
+            opt.step()
+        return torch.cat([p.detach().clone() for p in search_feature(net.encoder).arch.alpha.values()])
+
+    first = alpha_after_steps(7)
+    assert torch.equal(first, alpha_after_steps(7))
+    assert not torch.equal(first, alpha_after_steps(8))
+
+
 def test_stats_show_alpha_temperature_and_pick(asr_task, tmp_path):
     net, _ = model(asr_task, tmp_path, dict(WIDTHS, eta=1.0))
     net.eval()
