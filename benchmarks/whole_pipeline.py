@@ -65,7 +65,11 @@ from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 QAT_CONFIG = CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml"
+#: the main job's equal-compute control: the baseline fine-tuned with the QAT schedule in fp32
+CONTROL_CONFIG = CONF_DIR / "train_asr_conformer_tiny_finetune.yaml"
 #: the architecture of a derived model comes from its config; the schedule from the QAT config
+#: the row of the control trained as long as the pipeline (``--long_control_epochs``)
+LONG = "fp32_finetune_long"
 ARCHITECTURE_KEYS = ("encoder", "encoder_conf", "decoder", "decoder_conf")
 #: darts_search.py's output dirs: stage 1 from scratch, or warm-started from the baseline
 SEARCH_RUNS = ("darts_search", "darts_search_warm")
@@ -106,6 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget", type=float, default=3.0, help="average bits of the allocated layers")
     p.add_argument("--front_bits", type=int, default=4,
                    help="bits of the Conv2d subsampling, token embedding and CTC projection (0: fp32)")
+    p.add_argument("--long_control_epochs", type=int, default=0,
+                   help="also train (and compare with) a control as long as the pipeline: the baseline fine-tuned "
+                        "this many epochs with the control's schedule (0: only the main job's control)")
     p.add_argument("--num_utts", type=int, default=32, help="dev utterances Omega is measured on (as mixed_precision.py)")
     args = p.parse_args(argv)
     train_args = begin(args)
@@ -127,6 +134,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                              f"benchmarks/darts_search.py --only {args.variant} "
                              f"{'--stage1_from_baseline N ' if args.search_run.endswith('warm') else ''}first")
     searched_model = searched.exp_dir / searched.inference_model
+    if args.long_control_epochs < 0:
+        raise SystemExit(f"--long_control_epochs must be >= 0, got {args.long_control_epochs}")
+    long_control = None
+    if args.long_control_epochs:
+        long_control = dataclasses.replace(
+            template, exp_dir=bench.parent / f"asr_fp32_finetune_{args.long_control_epochs}ep",
+            train_config=CONTROL_CONFIG, train_args=[*train_args, "--max_epoch", str(args.long_control_epochs),
+                                                     "--init_param", str(baseline.exp_dir / baseline.inference_model)])
+        timed_train("long_control", long_control, args.long_control_epochs)
 
     # ---- 1. sensitivities and the allocation
     from espnet2.tasks.asr import ASRTask
@@ -160,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     packed_file = packed_dir / "model.packed.pth"
     # the searched model decoded here, not in its training dir: darts_search.py may be decoding it there
     searched_dec = tagged(searched, decode_root=bench.parent / f"decode_{args.search_run}_{args.variant}")
-    for exp in (baseline, control, searched_dec, qat):
+    for exp in (baseline, control, searched_dec, qat) + ((long_control,) if long_control else ()):
         exp.decode()
 
     # ---- 4. scoring
@@ -177,15 +193,27 @@ def main(argv: Optional[List[str]] = None) -> int:
               "searched": count_parameters(ASRTask.build_model_from_file(searched.exp_dir / "config.yaml", None,
                                                                          "cpu")[0])}
     params["fp32_finetune"], params["pipeline"] = params["baseline"], params["searched"]
-    specs = [SystemSpec(n, exps[n].decode_dir(), files[n], params[n]) for n in exps]
-    vs_base = compare(specs, "baseline", template.data_dir, ["test"], bench / "compare_vs_baseline")
-    vs_ctrl = compare([specs[1], specs[2], specs[3]], "fp32_finetune", template.data_dir, ["test"],
-                      bench / "compare_vs_control")
-    ctrl_sig = {r.spec.name: r.significance.get("test") for r in vs_ctrl.rows}
+    if long_control is not None:
+        exps[LONG] = long_control
+        files[LONG] = long_control.exp_dir / long_control.inference_model
+        params[LONG] = params["baseline"]
+    specs = {n: SystemSpec(n, exps[n].decode_dir(), files[n], params[n]) for n in exps}
+    vs_base = compare(list(specs.values()), "baseline", template.data_dir, ["test"], bench / "compare_vs_baseline")
+
+    def verdicts(reference: str) -> Dict[str, Any]:
+        """MAPSSWE of the searched and pipeline models against one control."""
+        table = compare([specs[reference], specs["searched"], specs["pipeline"]], reference, template.data_dir,
+                        ["test"], bench / f"compare_vs_{reference}")
+        return {r.spec.name: r.significance.get("test") for r in table.rows[1:]}
+
+    controls = {"fp32_finetune": verdicts("fp32_finetune")}
+    if long_control is not None:
+        controls[LONG] = verdicts(LONG)
 
     chain = {  # what each row trained for: its own training plus the trainings it started from
         "baseline": [baseline.exp_dir],
         "fp32_finetune": [baseline.exp_dir, control.exp_dir],
+        LONG: [baseline.exp_dir] + ([long_control.exp_dir] if long_control else []),
         "searched": [baseline.exp_dir] * (args.search_run == "darts_search_warm") + [
             darts / f"asr_{args.variant.split('_')[0]}_stage1", darts / f"asr_{args.variant}_stage2", searched.exp_dir],
     }
@@ -197,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parts = [training_summary(d) for d in chain[name]]
         timings = [read_train_seconds(d) for d in chain[name]]  # (wall, source, CPU or None)
         cpu = [c if c is not None else w for w, _, c in timings]  # wall time where CPU time is unknown
-        sig, csig = row.significance.get("test"), ctrl_sig.get(name)
+        sig = row.significance.get("test")
         size = files[name].stat().st_size
         rows.append({
             "system": name, "wer": row.wer["test"].wer, "params": params[name], "bytes": size,
@@ -206,8 +234,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "cpu_seconds": None if any(c is None for c in cpu) else sum(cpu),
             "wall_in_time": any(c is None for _, _, c in timings),
             "vs_baseline": verdict_text(sig), "p_baseline": None if sig is None else sig.p_value,
-            "vs_control": "reference" if name == "fp32_finetune" else verdict_text(csig) if name in ctrl_sig else "",
-            "p_control": None if csig is None else csig.p_value,
+            "vs_controls": {ref: ("reference" if name == ref else verdict_text(v[name]) if name in v else "")
+                            for ref, v in controls.items()},
         })
     lines = [
         "# Whole pipeline: DARTS-searched architecture -> KL mixed precision -> QAT -> packed file", "",
@@ -219,15 +247,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{args.front_bits or 'fp32'}{' bits' if args.front_bits else ''}. The pipeline row is the packed file "
         f"(`export_packed`); the others are fp32 checkpoints. MAPSSWE two-sided, alpha 0.05. Training time: "
         f"CPU time (user+sys) of every stage, summed; * = a stage's CPU time is unknown (a training the main "
-        f"job ran without this timer) and its wall time from train.log is counted instead.", "",
-        "| system | trained for (each stage: epochs / updates) | CPU time | parameters | bytes | x smaller "
-        "| WER test | vs baseline | vs fp32 control |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        f"job ran without this timer) and its wall time from train.log is counted instead."
+        + (f" `{LONG}`: the baseline fine-tuned {args.long_control_epochs} epochs with the control's schedule, "
+           f"about as many weight updates as the pipeline's stages after the baseline." if long_control else ""), "",
+        "| system | trained for (each stage: epochs / updates) | training time | parameters | bytes | x smaller "
+        "| WER test | vs baseline | " + " | ".join(f"vs {ref}" for ref in controls) + " |",
+        "|---|---|---:|---:|---:|---:|---:|---|" + "---|" * len(controls),
     ]
     for r in rows:
         cpu = "?" if r["cpu_seconds"] is None else f"{r['cpu_seconds'] / 60:.0f} min{'*' if r['wall_in_time'] else ''}"
         lines.append(f"| {r['system']} | {r['trained']} | {cpu} | {r['params']:,} | {r['bytes']:,} | "
-                     f"{r['ratio']:.1f}x | {r['wer']:.2f}% | {r['vs_baseline']} | {r['vs_control']} |")
+                     f"{r['ratio']:.1f}x | {r['wer']:.2f}% | {r['vs_baseline']} | " + " | ".join(r["vs_controls"].values()) + " |")
     out = exp_dir / "benchmarks"
     atomic_write_text(out / f"whole_pipeline_{tag}.md", "\n".join(lines) + "\n")
     atomic_write_text(out / f"whole_pipeline_{tag}.json", json.dumps(
