@@ -42,6 +42,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nested_supernet import (  # noqa: E402
     CONF_DIR,
+    CONTROL,
     TrainRecord,
     add_common_args,
     begin,
@@ -71,8 +72,6 @@ OBJECTS: Dict[str, tuple] = {
     "both": (CONF_DIR / "train_asr_searchable_conformer_tiny_both_stage1.yaml",
              CONF_DIR / "train_asr_searchable_conformer_tiny_both_stage2.yaml"),
 }
-#: the main job's equal-compute control: the baseline fine-tuned 4 more epochs (run_tiny)
-CONTROL = "asr_fp32_finetune"
 STAGE2_MODEL = "latest.pth"  # the last epoch: the best-accuracy one may precede the annealing
 
 
@@ -219,16 +218,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     specs += [SystemSpec(name, exp.decode_dir(), exp.exp_dir / exp.inference_model) for name, exp in finetuned.items()]
     table = compare(specs, "baseline", template.data_dir, ["test"], bench / "compare")
     base_row, rows = table.rows[0], table.rows[1:]
-    # the main job's equal-compute control (the baseline fine-tuned for 4 more epochs), when it has one
-    control = dataclasses.replace(template, exp_dir=exp_dir / CONTROL)
+    # the main job's equal-compute control (the baseline fine-tuned further), when it has one
+    control = dataclasses.replace(template, exp_dir=exp_dir / f"asr_{CONTROL.name}")
     vs_control: Dict[str, str] = {}
+    control_wer, control_epochs = "no control", "-"
     if control.is_trained():
         control.decode()
-        ctrl = compare([SystemSpec(CONTROL, control.decode_dir(), control.exp_dir / control.inference_model),
-                        *specs[1:]], CONTROL, template.data_dir, ["test"], bench / "compare_vs_control")
+        ctrl = compare([SystemSpec(CONTROL.name, control.decode_dir(), control.exp_dir / control.inference_model),
+                        *specs[1:]], CONTROL.name, template.data_dir, ["test"], bench / "compare_vs_control")
         vs_control = {row.spec.name: verdict_text(row.significance["test"]) for row in ctrl.rows[1:]}
-        vs_control["control_wer"] = f"{ctrl.rows[0].wer['test'].wer:.2f}%"
-        vs_control["control_epochs"] = str(training_summary(control.exp_dir).epochs)
+        control_wer = f"{ctrl.rows[0].wer['test'].wer:.2f}%"
+        control_epochs = str(training_summary(control.exp_dir).epochs)
     results = []
     for v, row in zip(chosen, rows):
         sig = row.significance["test"]
@@ -240,8 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             vs_control=vs_control.get(v.name, "no control")))
     base = {"params": base_row.num_params, "bytes": base_row.checkpoint_bytes, "wer": base_row.wer["test"].wer,
             "train_cpu": records["baseline"].cpu_seconds, "train_seconds": records["baseline"].seconds,
-            "exp_dir": str(baseline.exp_dir), "control_wer": vs_control.get("control_wer", "no control"),
-            "control_epochs": vs_control.get("control_epochs", "-")}
+            "exp_dir": str(baseline.exp_dir), "control_wer": control_wer, "control_epochs": control_epochs}
     if base["train_cpu"] is None:
         base["train_cpu"] = read_train_seconds(baseline.exp_dir)[2]
     report = _report(results, base, args, split, table.to_markdown())
@@ -249,8 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     atomic_write_text(out_dir / f"{kind}.md", report)
     atomic_write_text(out_dir / f"{kind}.json", json.dumps({
         "baseline": base, "results": [dict(dataclasses.asdict(r), name=r.variant.name) for r in results],
-        "epochs": {"baseline": args.max_epoch, "stage1": stage1_epochs, "stage1_from_baseline": warm_args != [], "stage2": args.stage2_epochs,
-                   "finetune": args.finetune_epochs},
+        "epochs": {"baseline": args.max_epoch, "stage1": stage1_epochs, "stage1_from_baseline": bool(warm_args),
+                   "stage2": args.stage2_epochs, "finetune": args.finetune_epochs},
         "held_out": {"fraction": args.held_out_fraction, "train_sub": split.num_sub, "held_out": split.num_held_out},
     }, indent=2, default=str) + "\n")
     _plot(results, base, out_dir / f"{kind}_wer_vs_params.png")
@@ -296,7 +295,8 @@ def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Name
         lines.append(
             f"| {r.variant.object} {r.variant.method} | {r.variant.eta:g} | {_compact(r.architecture)}"
             f"{' (stock conformer)' if r.stock else ''} | {r.params:,} | {ratio:.2f} | {r.bytes:,} | {r.wer:.2f}% | "
-            f"{r.verdict} | {r.vs_control} | {fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / {fmt_seconds(r.finetune_cpu)} |")
+            f"{r.verdict} | {r.vs_control} | {fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / "
+            f"{fmt_seconds(r.finetune_cpu)} |")
     sweep = sorted((r for r in results if r.variant.object == "width" and r.variant.method == "gumbel"),
                    key=lambda r: r.variant.eta)
     if len(sweep) >= 2:
@@ -308,8 +308,9 @@ def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Name
     uniform = [r.variant.name for r in results if all(len(set(v)) == 1 for kind in r.architecture.values()
                                                        for v in kind.values())]
     lines += ["", f"Searches whose answer is uniform across blocks: {uniform or 'none'}.",
-              "", f"Control: the main job's fp32 baseline fine-tuned {base['control_epochs']} more epochs with the QAT schedule "
-                  f"({CONTROL}); every searched model trained more than the baseline (stage 1 + fine-tuning).",
+              "", f"Control: the main job's fp32 baseline fine-tuned {base['control_epochs']} more epochs with the QAT "
+                  f"schedule (asr_{CONTROL.name}); every searched model trained more than the baseline (stage 1 + "
+                  f"fine-tuning).",
               "", "Search cost = stage 1 (shared by every search of the same object) + stage 2; CPU time is "
               "user+sys of asr_train (robust to other load on the machine).", "", "### Scoring", "", scoring]
     return "\n".join(lines) + "\n"

@@ -59,12 +59,15 @@ from espnet_compress.pipeline.stages import (  # noqa: E402
     make_token_list,
     training_finished,
 )
-from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
+from espnet_compress.pipeline.tiny import CONF_DIR, DEFAULT_SYSTEMS  # noqa: E402
 from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
 BASELINE_CONFIG = CONF_DIR / "train_asr_conformer_tiny.yaml"
+#: the main job's equal-compute control (the baseline fine-tuned in fp32 with the QAT schedule),
+#: trained by run_tiny into ``<exp_dir>/asr_<name>``
+CONTROL = next(s for s in DEFAULT_SYSTEMS if s.name == "fp32_finetune")
 DECODE_CONFIG = CONF_DIR / "decode_asr.yaml"
 #: Environment variables that choose what a stock program runs; never inherited by training.
 #: Sections a derived tiny config may change; everything else must equal the baseline's.

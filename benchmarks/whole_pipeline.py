@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from nested_supernet import (  # noqa: E402
+    CONTROL,
     add_common_args,
     begin,
     find_baseline,
@@ -65,11 +66,9 @@ from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 QAT_CONFIG = CONF_DIR / "train_asr_quantized_conformer_tiny_4bit.yaml"
-#: the main job's equal-compute control: the baseline fine-tuned with the QAT schedule in fp32
-CONTROL_CONFIG = CONF_DIR / "train_asr_conformer_tiny_finetune.yaml"
-#: the architecture of a derived model comes from its config; the schedule from the QAT config
 #: the row of the control trained as long as the pipeline (``--long_control_epochs``)
-LONG = "fp32_finetune_long"
+LONG = f"{CONTROL.name}_long"
+#: the architecture of a derived model comes from its config; the schedule from the QAT config
 ARCHITECTURE_KEYS = ("encoder", "encoder_conf", "decoder", "decoder_conf")
 #: darts_search.py's output dirs: stage 1 from scratch, or warm-started from the baseline
 SEARCH_RUNS = ("darts_search", "darts_search_warm")
@@ -113,7 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--long_control_epochs", type=int, default=0,
                    help="also train (and compare with) a control as long as the pipeline: the baseline fine-tuned "
                         "this many epochs with the control's schedule (0: only the main job's control)")
-    p.add_argument("--num_utts", type=int, default=32, help="dev utterances Omega is measured on (as mixed_precision.py)")
+    p.add_argument("--num_utts", type=int, default=32,
+                   help="dev utterances Omega is measured on (as mixed_precision.py)")
     args = p.parse_args(argv)
     train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if found is None:
         raise SystemExit(f"no finished fp32 baseline in {exp_dir}: run the main job (run_tiny) first")
     baseline = dataclasses.replace(template, exp_dir=found)
-    control = dataclasses.replace(template, exp_dir=exp_dir / "asr_fp32_finetune")
+    control = dataclasses.replace(template, exp_dir=exp_dir / f"asr_{CONTROL.name}")
     searched = dataclasses.replace(template, exp_dir=darts / f"asr_{args.variant}_finetune")
     for name, exp in (("control", control), ("searched model", searched)):
         if not exp.is_trained():
@@ -139,8 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     long_control = None
     if args.long_control_epochs:
         long_control = dataclasses.replace(
-            template, exp_dir=bench.parent / f"asr_fp32_finetune_{args.long_control_epochs}ep",
-            train_config=CONTROL_CONFIG, train_args=[*train_args, "--max_epoch", str(args.long_control_epochs),
+            template, exp_dir=bench.parent / f"asr_{CONTROL.name}_{args.long_control_epochs}ep",
+            train_config=CONTROL.config, train_args=[*train_args, "--max_epoch", str(args.long_control_epochs),
                                                      "--init_param", str(baseline.exp_dir / baseline.inference_model)])
         timed_train("long_control", long_control, args.long_control_epochs)
 
@@ -181,23 +181,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # ---- 4. scoring
     from espnet_compress.scoring.compare import SystemSpec, compare, verdict_text
-    from espnet_compress.utils.params import count_parameters
 
     files = {"baseline": baseline.exp_dir / baseline.inference_model,
-             "fp32_finetune": control.exp_dir / control.inference_model,
+             CONTROL.name: control.exp_dir / control.inference_model,
              "searched": searched_model, "pipeline": packed_file}
-    exps: Dict[str, AsrExperiment] = {"baseline": baseline, "fp32_finetune": control, "searched": searched_dec,
+    exps: Dict[str, AsrExperiment] = {"baseline": baseline, CONTROL.name: control, "searched": searched_dec,
                                       "pipeline": qat}
-    params = {"baseline": count_parameters(ASRTask.build_model_from_file(baseline.exp_dir / "config.yaml", None,
-                                                                         "cpu")[0]),
-              "searched": count_parameters(ASRTask.build_model_from_file(searched.exp_dir / "config.yaml", None,
-                                                                         "cpu")[0])}
-    params["fp32_finetune"], params["pipeline"] = params["baseline"], params["searched"]
     if long_control is not None:
         exps[LONG] = long_control
         files[LONG] = long_control.exp_dir / long_control.inference_model
-        params[LONG] = params["baseline"]
-    specs = {n: SystemSpec(n, exps[n].decode_dir(), files[n], params[n]) for n in exps}
+    # parameters: compare() counts them on the model the config beside each file builds
+    specs = {n: SystemSpec(n, exps[n].decode_dir(), files[n]) for n in exps}
     vs_base = compare(list(specs.values()), "baseline", template.data_dir, ["test"], bench / "compare_vs_baseline")
 
     def verdicts(reference: str) -> Dict[str, Any]:
@@ -206,19 +200,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                         ["test"], bench / f"compare_vs_{reference}")
         return {r.spec.name: r.significance.get("test") for r in table.rows[1:]}
 
-    controls = {"fp32_finetune": verdicts("fp32_finetune")}
+    controls = {CONTROL.name: verdicts(CONTROL.name)}
     if long_control is not None:
         controls[LONG] = verdicts(LONG)
 
     chain = {  # what each row trained for: its own training plus the trainings it started from
         "baseline": [baseline.exp_dir],
-        "fp32_finetune": [baseline.exp_dir, control.exp_dir],
+        CONTROL.name: [baseline.exp_dir, control.exp_dir],
         LONG: [baseline.exp_dir] + ([long_control.exp_dir] if long_control else []),
         "searched": [baseline.exp_dir] * (args.search_run == "darts_search_warm") + [
             darts / f"asr_{args.variant.split('_')[0]}_stage1", darts / f"asr_{args.variant}_stage2", searched.exp_dir],
     }
     chain["pipeline"] = chain["searched"] + [qat.exp_dir]
-    base_bytes = files["baseline"].stat().st_size
+    base_bytes = vs_base.rows[0].checkpoint_bytes  # the baseline is the first row
     rows = []
     for row in vs_base.rows:
         name = row.spec.name
@@ -226,9 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         timings = [read_train_seconds(d) for d in chain[name]]  # (wall, source, CPU or None)
         cpu = [c if c is not None else w for w, _, c in timings]  # wall time where CPU time is unknown
         sig = row.significance.get("test")
-        size = files[name].stat().st_size
+        size = row.checkpoint_bytes
         rows.append({
-            "system": name, "wer": row.wer["test"].wer, "params": params[name], "bytes": size,
+            "system": name, "wer": row.wer["test"].wer, "params": row.num_params, "bytes": size,
             "ratio": base_bytes / size,
             "trained": " + ".join(f"{s.epochs} ep/{s.updates} upd" for s in parts),
             "cpu_seconds": None if any(c is None for c in cpu) else sum(cpu),
@@ -241,8 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "# Whole pipeline: DARTS-searched architecture -> KL mixed precision -> QAT -> packed file", "",
         f"Searched model: `{args.variant}` of `{args.search_run}` (stage 1 on 80% of train"
         f"{', warm-started from the baseline' if args.search_run.endswith('warm') else ''}, stage 2 on the held-out "
-        f"20%, derived and fine-tuned on all of train). Allocation: {alloc.avg_bits:.3f} average bits over {len(alloc.bits)} "
-        f"measured layers (budget {args.budget:g}, Omega on {table.num_utts} dev utterances); subsampling "
+        f"20%, derived and fine-tuned on all of train). Allocation: {alloc.avg_bits:.3f} average bits over "
+        f"{len(alloc.bits)} measured layers (budget {args.budget:g}, Omega on {table.num_utts} dev utterances); subsampling "
         f"Conv2d, token embedding and CTC projection at "
         f"{args.front_bits or 'fp32'}{' bits' if args.front_bits else ''}. The pipeline row is the packed file "
         f"(`export_packed`); the others are fp32 checkpoints. MAPSSWE two-sided, alpha 0.05. Training time: "
@@ -255,9 +249,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "|---|---|---:|---:|---:|---:|---:|---|" + "---|" * len(controls),
     ]
     for r in rows:
-        cpu = "?" if r["cpu_seconds"] is None else f"{r['cpu_seconds'] / 60:.0f} min{'*' if r['wall_in_time'] else ''}"
+        star = "*" if r["wall_in_time"] else ""
+        cpu = "?" if r["cpu_seconds"] is None else f"{r['cpu_seconds'] / 60:.0f} min{star}"
         lines.append(f"| {r['system']} | {r['trained']} | {cpu} | {r['params']:,} | {r['bytes']:,} | "
-                     f"{r['ratio']:.1f}x | {r['wer']:.2f}% | {r['vs_baseline']} | " + " | ".join(r["vs_controls"].values()) + " |")
+                     f"{r['ratio']:.1f}x | {r['wer']:.2f}% | {r['vs_baseline']} | "
+                     + " | ".join(r["vs_controls"].values()) + " |")
     out = exp_dir / "benchmarks"
     atomic_write_text(out / f"whole_pipeline_{tag}.md", "\n".join(lines) + "\n")
     atomic_write_text(out / f"whole_pipeline_{tag}.json", json.dumps(

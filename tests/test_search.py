@@ -168,7 +168,8 @@ def test_a_stage_2_search_is_reproducible_from_its_seed(asr_task, tmp_path):
     def alpha_after_steps(seed: int) -> torch.Tensor:
         net, _ = model(asr_task, tmp_path, search)
         freeze(net, ARCH_FROZEN_PREFIXES)
-        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)  # Adam's first steps are ±lr whatever the noise
+        # SGD: Adam's first steps are +-lr whatever the noise, which would hide it
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
         net.train()
         data = batch()  # (it seeds torch's generator itself)
         torch.manual_seed(seed)
