@@ -136,6 +136,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     searched_model = searched.exp_dir / searched.inference_model
     if args.long_control_epochs < 0:
         raise SystemExit(f"--long_control_epochs must be >= 0, got {args.long_control_epochs}")
+    from espnet_compress.quant.api import QuantConfig
+
+    try:  # the width must suit the QAT config's quantizer too (e.g. max scaling has no 1-bit grid)
+        QuantConfig.from_config(dict(yaml.safe_load(QAT_CONFIG.read_text())["encoder_conf"]["quant_conf"],
+                                     bits=args.front_bits), "--front_bits")
+    except ValueError as err:  # QuantConfigError, UnsupportedBitWidth
+        raise SystemExit(f"whole_pipeline: {err}") from None
     long_control = None
     if args.long_control_epochs:
         long_control = dataclasses.replace(
@@ -147,10 +154,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     # ---- 1. sensitivities and the allocation
     from espnet2.tasks.asr import ASRTask
 
-    from espnet_compress.mixed_precision.allocation import Budget, solve
-    from espnet_compress.mixed_precision.sensitivity import held_out_batches, load_or_measure
+    from espnet_compress.mixed_precision.allocation import AllocationError, Budget, Problem, solve
+    from espnet_compress.mixed_precision.sensitivity import (DEFAULT_WIDTHS, held_out_batches, load_or_measure,
+                                                             measured_layers)
 
     model, model_args = ASRTask.build_model_from_file(searched.exp_dir / "config.yaml", searched_model, "cpu")
+    layers = measured_layers(model)
+    try:  # an impossible budget fails before minutes of measuring
+        Problem.shape_only({n: m.weight.numel() for n, m in layers.items()}, DEFAULT_WIDTHS).check_budget(
+            Budget(args.budget))
+    except AllocationError as err:
+        raise SystemExit(f"whole_pipeline: --budget: {err}") from None
     batches, data_id = held_out_batches(template.data_dir / template.valid_set, model_args, args.num_utts)
     table = load_or_measure(bench.parent / f"{args.search_run}_{args.variant}_sensitivity.npz", model, batches,
                             data_id=data_id)  # shared by every budget

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import yaml
 
 from espnet_compress.mixed_precision.allocation import AllocationError, Budget, Problem, allocate_nested, solve
@@ -72,8 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, train_args = ASRTask.build_model_from_file(args.asr_train_config, args.asr_model_file, "cpu")
         layers = measured_layers(model, include_decoder=not args.no_decoder)
         # fail on an impossible budget before minutes of measuring
-        shape_only = Problem(tuple(layers), tuple(m.weight.numel() for m in layers.values()), tuple(args.widths),
-                             np.zeros((len(layers), len(args.widths))))
+        shape_only = Problem.shape_only({n: m.weight.numel() for n, m in layers.items()}, args.widths)
         for budget in budgets:
             shape_only.check_budget(budget)
         batches, data_id = held_out_batches(args.data_dir, train_args, args.num_utts, args.batch_size)

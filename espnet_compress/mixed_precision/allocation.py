@@ -164,6 +164,12 @@ class Problem:
         """``sum_i Omega_i(n_i)`` of an allocation (every width must be in the table)."""
         return float(sum(self.omega[i, self.column(bits[n])] for i, n in enumerate(self.names)))
 
+    @classmethod
+    def shape_only(cls, params: Mapping[str, int], widths: Sequence[int]) -> "Problem":
+        """A problem with the layers' sizes but no sensitivities yet (all zero): enough for
+        :meth:`check_budget`, so a caller can refuse a budget before minutes of measuring."""
+        return cls(tuple(params), tuple(params.values()), tuple(widths), np.zeros((len(params), len(widths))))
+
     def check_budget(self, budget: Budget) -> int:
         """The budget as total bits; :class:`AllocationError` for a budget below the
         all-smallest-width size (nothing fits) or above the full-precision size (no compression
