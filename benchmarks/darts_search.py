@@ -8,7 +8,10 @@ What it runs, all through stock ``espnet2.bin.asr_train``/``asr_inference``:
 * stage 1 per search object (``width``: FW/FW-m hidden widths; ``rank``: BN/BN-m bottlenecks of
   SLLS-factorised FFNs; ``both``), ``conf/spoken_commands/train_asr_searchable_conformer_tiny*_stage1.yaml``;
 * stage 2 variants from those supernets: Gumbel with an eta sweep (``--etas``, at least 3 values:
-  eta controls the size), plain softmax (the paper's ablation), and ``rank``/``both`` at one eta;
+  eta controls the size), plain softmax (the paper's ablation), and ``rank``/``both`` at the etas of
+  ``--object_etas``;
+* with ``--stage1_from_baseline N``, stage 1 starts from the trained baseline instead of from scratch
+  (``warm_start_search``: width prefixes; truncated-SVD factors for the bottlenecks) and trains N epochs;
 * each searched architecture derived (``derive_search``, from the last stage-2 epoch), fine-tuned on
   the full training set from its inherited weights (``--init_param``), decoded, and compared with the
   fp32 baseline (``train_asr_conformer_tiny.yaml``, reused from the main job when it trained the
@@ -25,7 +28,8 @@ Usage::
 
 Restartable: finished trainings, derivations and decodes are reused. Outputs:
 ``<exp_dir>/benchmarks/darts_search/`` (split, trainings, derived models, scoring) and
-``<exp_dir>/benchmarks/darts_search.{md,json}`` + ``darts_search_wer_vs_params.png``.
+``<exp_dir>/benchmarks/darts_search.{md,json}`` + ``darts_search_wer_vs_params.png`` (``darts_search_warm``
+with ``--stage1_from_baseline``; ``--only`` appends the selected prefixes to the report's name).
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ from nested_supernet import (  # noqa: E402
     timed_train,
 )
 
-from espnet_compress.export.search_export import RECORD, derive_search  # noqa: E402
+from espnet_compress.export.search_export import RECORD, derive_search, warm_start_search  # noqa: E402
 from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
 from espnet_compress.pipeline.search import split_held_out  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
@@ -97,7 +101,7 @@ class Variant:
 def variants(args: argparse.Namespace) -> List[Variant]:
     out = [Variant("width", "gumbel", e) for e in args.etas]
     out.append(Variant("width", "softmax", args.softmax_eta))
-    out += [Variant(obj, "gumbel", args.object_eta) for obj in ("rank", "both")]
+    out += [Variant(obj, "gumbel", eta) for obj in ("rank", "both") for eta in args.object_etas]
     if args.only:
         out = [v for v in out if any(v.name.startswith(prefix) for prefix in args.only)]
     return out
@@ -132,29 +136,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--held_out_fraction", type=float, default=0.2, help="share of train held out for stage 2")
     p.add_argument("--etas", type=float, nargs="+", default=[0.0, 2.0, 8.0], help="Gumbel width-search eta sweep")
     p.add_argument("--softmax_eta", type=float, default=2.0, help="eta of the plain-softmax ablation")
-    p.add_argument("--object_eta", type=float, default=2.0, help="eta of the rank-only and both searches")
+    p.add_argument("--object_etas", type=float, nargs="+", default=[2.0],
+                   help="etas of the rank-only and both searches")
     p.add_argument("--stage1_from_baseline", type=int, default=None, metavar="EPOCHS",
-                   help="warm start: stage 1 of the width supernet starts from the fp32 baseline's weights (at "
-                        "the largest width the supernet IS the baseline) and trains EPOCHS epochs, instead of "
-                        "training from scratch to the baseline's stopping rule")
+                   help="warm start: every supernet's stage 1 starts from the fp32 baseline's weights (width "
+                        "prefixes, so the width supernet at its largest width IS the baseline; truncated-SVD "
+                        "factors for the bottlenecks) and trains EPOCHS epochs, instead of training from scratch "
+                        "to the baseline's stopping rule")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only variants whose name starts with one of these (e.g. width_gumbel)")
     args = p.parse_args(argv)
     common = list(args.train_args)
     stage1_args = begin(args)  # logging, clean environment; --max_epoch applies to stage 1 and the baseline
     exp_dir = args.exp_dir.resolve()
-    kind = "darts_search" if args.stage1_from_baseline is None else "darts_search_warm"  # outputs of each kind
+    kind = "darts_search" if args.stage1_from_baseline is None else "darts_search_warm"  # work dir of each kind
     bench = exp_dir / "benchmarks" / kind
+    report_name = kind + "".join(f"_{prefix}" for prefix in args.only or [])
     chosen = variants(args)
     if not chosen:
         raise SystemExit(f"--only {args.only} selects no variant")
     if len([v for v in chosen if v.object == "width" and v.method == "gumbel"]) < 3 and not args.only:
         raise SystemExit("--etas needs at least 3 values to show eta controlling the size")
 
-    warm = sorted({v.object for v in chosen} - {"width"}) if args.stage1_from_baseline is not None else []
-    if warm:
-        raise SystemExit(f"--stage1_from_baseline: the {warm} supernets factorise the FFNs, so the baseline's "
-                         f"weights do not load into them; select width searches only (--only width)")
     if args.stage1_from_baseline is not None and args.stage1_from_baseline <= 0:
         raise SystemExit(f"--stage1_from_baseline must be a positive number of epochs, got {args.stage1_from_baseline}")
 
@@ -173,9 +176,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # ---- stage 1 per object, stage 2 per variant
     stage1: Dict[str, AsrExperiment] = {}
     stage1_epochs = args.max_epoch if args.stage1_from_baseline is None else args.stage1_from_baseline
-    warm_args = [] if args.stage1_from_baseline is None else [
-        "--max_epoch", str(stage1_epochs), "--init_param", str(baseline.exp_dir / baseline.inference_model)]
     for obj in sorted({v.object for v in chosen}, key=list(OBJECTS).index):
+        warm_args: List[str] = []
+        if args.stage1_from_baseline is not None:
+            init = bench / "warm_start" / f"{obj}.pth"
+            if not init.is_file():
+                warm_start_search(baseline.exp_dir / "config.yaml", baseline.exp_dir / baseline.inference_model,
+                                  OBJECTS[obj][0], init)
+            warm_args = ["--max_epoch", str(stage1_epochs), "--init_param", str(init)]
         stage1[obj] = dataclasses.replace(
             template, data_dir=split.out_dir, train_set=split.train_sub, stats_dir=split.stats_dir(split.train_sub),
             exp_dir=bench / f"asr_{obj}_stage1", train_config=OBJECTS[obj][0],
@@ -245,14 +253,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         base["train_cpu"] = read_train_seconds(baseline.exp_dir)[2]
     report = _report(results, base, args, split, table.to_markdown())
     out_dir = exp_dir / "benchmarks"
-    atomic_write_text(out_dir / f"{kind}.md", report)
-    atomic_write_text(out_dir / f"{kind}.json", json.dumps({
+    atomic_write_text(out_dir / f"{report_name}.md", report)
+    atomic_write_text(out_dir / f"{report_name}.json", json.dumps({
         "baseline": base, "results": [dict(dataclasses.asdict(r), name=r.variant.name) for r in results],
-        "epochs": {"baseline": args.max_epoch, "stage1": stage1_epochs, "stage1_from_baseline": bool(warm_args),
+        "epochs": {"baseline": args.max_epoch, "stage1": stage1_epochs, "stage1_from_baseline": args.stage1_from_baseline is not None,
                    "stage2": args.stage2_epochs, "finetune": args.finetune_epochs},
         "held_out": {"fraction": args.held_out_fraction, "train_sub": split.num_sub, "held_out": split.num_held_out},
     }, indent=2, default=str) + "\n")
-    _plot(results, base, out_dir / f"{kind}_wer_vs_params.png")
+    _plot(results, base, out_dir / f"{report_name}_wer_vs_params.png")
     print(report)
     return 0
 
@@ -270,7 +278,8 @@ def _compact(architecture: Dict[str, Dict[str, list]]) -> str:
 def _stage1_text(args: argparse.Namespace) -> str:
     if args.stage1_from_baseline is not None:
         return (f"baseline {args.max_epoch or 'configs default'}; stage 1 warm-started from the trained baseline "
-                f"(the width supernet at its largest width is the baseline) for {args.stage1_from_baseline} more")
+                f"(width prefixes: the width supernet at its largest width is the baseline; truncated-SVD "
+                f"bottleneck factors) for {args.stage1_from_baseline} more")
     return f"stage 1 and the baseline {args.max_epoch or 'configs default'}"
 
 
@@ -297,14 +306,15 @@ def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Name
             f"{' (stock conformer)' if r.stock else ''} | {r.params:,} | {ratio:.2f} | {r.bytes:,} | {r.wer:.2f}% | "
             f"{r.verdict} | {r.vs_control} | {fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / "
             f"{fmt_seconds(r.finetune_cpu)} |")
-    sweep = sorted((r for r in results if r.variant.object == "width" and r.variant.method == "gumbel"),
-                   key=lambda r: r.variant.eta)
-    if len(sweep) >= 2:
-        sizes = [r.params for r in sweep]
-        monotone = all(a >= b for a, b in zip(sizes, sizes[1:]))
-        lines += ["", f"eta sweep (width, Gumbel): parameters {' -> '.join(f'{s:,}' for s in sizes)} for eta "
-                      f"{', '.join(f'{r.variant.eta:g}' for r in sweep)}: "
-                      f"{'monotonically non-increasing' if monotone else 'NOT monotonic'}."]
+    for obj in OBJECTS:
+        sweep = sorted((r for r in results if r.variant.object == obj and r.variant.method == "gumbel"),
+                       key=lambda r: r.variant.eta)
+        if len(sweep) >= 2:
+            sizes = [r.params for r in sweep]
+            monotone = all(a >= b for a, b in zip(sizes, sizes[1:]))
+            lines += ["", f"eta sweep ({obj}, Gumbel): parameters {' -> '.join(f'{s:,}' for s in sizes)} for eta "
+                          f"{', '.join(f'{r.variant.eta:g}' for r in sweep)}: "
+                          f"{'monotonically non-increasing' if monotone else 'NOT monotonic'}."]
     uniform = [r.variant.name for r in results if all(len(set(v)) == 1 for kind in r.architecture.values()
                                                        for v in kind.values())]
     lines += ["", f"Searches whose answer is uniform across blocks: {uniform or 'none'}.",

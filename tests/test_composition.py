@@ -171,3 +171,28 @@ def test_a_system_variable_on_a_single_system_model_is_an_error(asr_task, tmp_pa
                                               "model_conf.systems"):
         build(asr_task, tmp_path, encoder="elastic_conformer", enc=tiny_conformer_options(), systems=None,
               decoder_quant=None)
+
+
+def test_front_end_embedding_and_ctc_follow_each_system_and_export(asr_task, tmp_path):
+    """With the Conv2d subsampling, the token embedding and the CTC projection quantizable too
+    (what takes the composed depth-4 4-bit system past 10x), each system quantizes them at its own
+    bits -- the fp32 teacher keeps them fp32 -- and the exported 4-bit system computes the CTC
+    posteriors the supernet computes for it."""
+    from espnet2.tasks.asr import ASRTask
+
+    enc = dict(SEED, quant_conf=dict(SEED["quant_conf"], conv2d=True))
+    model = save_trained(asr_task, tmp_path, "elastic_conformer", enc, lr=0.05, systems=SYSTEMS,
+                         decoder_quant={"bits": 0, "bit_choices": [4], "embedding": True, "ctc": True})
+    quantized = {"encoder.embed.conv.0", "decoder.embed.0", "ctc.ctc_lo"}
+    for system, bits in (("deep", 0), ("deep4", 4)):
+        with model.system(system):
+            found = {name: m.bits for name, m in model.named_modules() if name in quantized}
+            assert found == dict.fromkeys(quantized, bits), system
+    result = export_system(tmp_path / "config.yaml", tmp_path / "model.pth", "deep4", tmp_path / "deep4")
+    standalone, _ = ASRTask.build_model_from_file(result.config, result.model_file, "cpu")
+    standalone.eval()
+    with torch.no_grad(), model.system("deep4"):
+        want = model.ctc.log_softmax(_encode(model))
+    with torch.no_grad():
+        got = standalone.ctc.log_softmax(_encode(standalone))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

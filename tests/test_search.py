@@ -2,6 +2,7 @@
 penalty, the pipelined stages, the semi-orthogonal update, derivation and export, bad input."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -11,11 +12,17 @@ import pytest
 import torch
 import yaml
 
-from espnet_compress.core.lowrank import LowRankLinear, semi_orthogonal_init_, semi_orthogonal_step_, semi_orthogonality_error
+from espnet_compress.core.lowrank import (
+    LowRankLinear,
+    semi_orthogonal_init_,
+    semi_orthogonal_step_,
+    semi_orthogonality_error,
+    svd_factors,
+)
 from espnet_compress.core.plan import PlanError
 from espnet_compress.encoders.aliases import SearchableConformerEncoder
 from espnet_compress.encoders.elastic_conformer import ElasticConformerEncoder
-from espnet_compress.export.search_export import derive_search
+from espnet_compress.export.search_export import derive_search, warm_start_search
 from espnet_compress.features.search import HELD_OUT_MARKER, SearchConfigError, search_feature
 from espnet_compress.models.systems import SystemSpecError
 from espnet_compress.pipeline.search import split_held_out
@@ -304,6 +311,77 @@ def test_exported_derived_model_equals_the_supernet_under_its_pick(asr_task, tmp
     torch.testing.assert_close(got[0], want[0] - want[1]["search_penalty"], rtol=1e-5, atol=1e-5)
     assert out.num_params < out.supernet_params
     assert json.loads((tmp_path / "derived" / "derive.json").read_text())["architecture"] == out.architecture
+
+
+# ------------------------------------------------------------------ warm start from a dense model
+@pytest.mark.parametrize("constrained", [(True, False), (False, True), (False, False)], ids=["proj", "affine", "none"])
+def test_svd_factors_nest_best_approximations_and_start_on_the_constraint(constrained):
+    """Every bottleneck prefix of the SVD warm start is the best approximation of its rank (its error
+    is the energy of the dropped singular values), and the constrained factor is semi-orthogonal."""
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(weight.double())
+    proj, affine = svd_factors(weight, 32, constrained)
+    torch.testing.assert_close(affine @ proj, weight, rtol=1e-5, atol=1e-5)  # full rank: the dense layer
+    for k in (4, 16):
+        err = torch.linalg.matrix_norm((affine[:, :k] @ proj[:k]).double() - weight.double())
+        assert float(err) == pytest.approx(float(s[k:].pow(2).sum().sqrt()), rel=1e-4)
+    for is_constrained, factor_weight in zip(constrained, (proj, affine)):
+        if is_constrained:
+            assert semi_orthogonality_error(factor_weight) < 1e-4
+            assert semi_orthogonality_error(factor_weight[:8] if factor_weight is proj else factor_weight[:, :8]) < 1e-4
+    with pytest.raises(ValueError, match="rank 33 must be in 1..32"):
+        svd_factors(weight, 33, constrained)
+
+
+def _dense_and_search_configs(asr_task, tmp: Path, search: Dict[str, Any], **enc: Any):
+    """A trained-looking dense stock Conformer (config + checkpoint) and a stage-1 search config."""
+    args = _build_args(asr_task, tmp, dict(ENC))
+    args.encoder, args.model, args.model_conf = "conformer", "espnet", {"ctc_weight": 0.3}
+    torch.manual_seed(5)
+    dense = asr_task.ASRTask.build_model(args).eval()
+    config = _save(dense, args, tmp)
+    search_config = tmp / "stage1.yaml"
+    search_config.write_text(yaml.safe_dump({
+        "encoder": "elastic_conformer", "encoder_conf": {**ENC, **enc, "search": dict(search, stage="weights")},
+        "model": "compressed", "model_conf": {"ctc_weight": 0.3}, "freeze_param": ["encoder.architecture"],
+        "init": "none"}))  # a recipe YAML, not yet parsed by asr_train
+    return dense, config, search_config
+
+
+def test_warm_start_puts_the_dense_model_into_the_supernet(asr_task, tmp_path):
+    """At its largest candidates (full width, full-rank bottleneck) the warm-started supernet computes
+    what the dense model computes; a smaller bottleneck is the truncated SVD of the dense weight, with
+    the SLLS factors semi-orthogonal."""
+    from espnet2.tasks.asr import ASRTask
+
+    dense, config, search_config = _dense_and_search_configs(asr_task, tmp_path, {"widths": [32, 48], "ranks": [8, 32]})
+    out = warm_start_search(config, tmp_path / "model.pth", search_config, tmp_path / "warm.pth")
+    network = {k: v for k, v in yaml.safe_load(search_config.read_text()).items() if k.startswith(("encoder", "model"))}
+    conf = {**yaml.safe_load(config.read_text()), **network}
+    sup = ASRTask.build_model(argparse.Namespace(**conf)).eval()
+    missing, unexpected = sup.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert not unexpected and all(k.startswith("encoder.architecture.") for k in missing) and missing
+    feature = search_feature(sup.encoder)
+    largest = {k: {"width": 1, "rank": 1} for k in feature.choices}
+    x, lengths = x_and_lengths()
+    with torch.no_grad(), feature.pinned(largest):
+        got = sup.encode(x, lengths)[0]
+    torch.testing.assert_close(got, dense.encode(x, lengths)[0], rtol=1e-4, atol=1e-4)
+    ffn, dense_ffn = sup.encoder.encoders[2].feed_forward, dense.encoder.encoders[2].feed_forward
+    k = 8
+    u, s, vh = torch.linalg.svd(dense_ffn.w_1.weight.detach().double())
+    truncated = (u[:, :k] * s[:k]) @ vh[:k]
+    torch.testing.assert_close((ffn.w_1.affine.weight[:, :k] @ ffn.w_1.proj.weight[:k]).double(), truncated,
+                               rtol=1e-4, atol=1e-5)
+    assert semi_orthogonality_error(ffn.w_1.proj.weight) < 1e-4  # S...: first layer's projection
+    assert semi_orthogonality_error(ffn.w_2.affine.weight) < 1e-4  # ...S: second layer's affine part
+
+
+def test_warm_start_refuses_a_dense_model_of_another_shape_and_writes_nothing(asr_task, tmp_path):
+    _, config, search_config = _dense_and_search_configs(asr_task, tmp_path, {"ranks": [8, 16]}, linear_units=64)
+    with pytest.raises(ValueError, match=r"encoders\.0\.feed_forward\.w_1\.weight: shape \(48, 32\).*64x32"):
+        warm_start_search(config, tmp_path / "model.pth", search_config, tmp_path / "warm.pth")
+    assert not (tmp_path / "warm.pth").exists()
 
 
 def test_a_uniform_answer_exports_as_a_stock_conformer(asr_task, tmp_path):

@@ -15,7 +15,7 @@ paper's "SLLS" systems use (Kaldi's ``ConstrainOrthonormal``). Because the rows 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -88,8 +88,37 @@ def semi_orthogonal_step_(weight: torch.Tensor, scale: float = 1.0) -> float:
     return distance
 
 
+@torch.no_grad()
+def svd_factors(weight: torch.Tensor, rank: int, constrained: Tuple[bool, bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(proj, affine)`` of shapes ``rank x in`` and ``out x rank`` whose product is the best rank-``rank``
+    approximation of ``weight`` (``out x in``; Eckart-Young), for warm-starting a factorised layer from a
+    trained dense one.
+
+    Why the SVD and not any factorisation: its bottleneck units are ordered by singular value, so every
+    prefix of ``k`` units is itself the best rank-``k`` approximation -- exactly what nested bottleneck
+    candidates (the first ``k`` rows of ``proj``) need. ``constrained`` says which factor is kept
+    semi-orthogonal (``(proj, affine)``, from the ``semi_orthogonal`` letters): that factor gets the
+    orthonormal singular vectors, so it starts on the constraint, and the other one carries the singular
+    values; with both or neither constrained each gets their square roots.
+    """
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank {rank} must be in 1..{min(weight.shape)} for a {tuple(weight.shape)} weight")
+    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    proj_orth, affine_orth = constrained
+    if proj_orth and not affine_orth:
+        proj, affine = vh, u * s
+    elif affine_orth and not proj_orth:
+        proj, affine = s[:, None] * vh, u
+    else:
+        root = s.sqrt()
+        proj, affine = root[:, None] * vh, u * root
+    return proj.to(weight.dtype), affine.to(weight.dtype)
+
+
 def semi_orthogonality_error(weight: torch.Tensor) -> float:
     """``||M Mᵀ - I||_F`` for the short side of ``weight`` (0 for an exactly semi-orthogonal factor)."""
+    weight = weight.detach()
     m = weight if weight.shape[0] <= weight.shape[1] else weight.t()
     eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
     return float(torch.linalg.matrix_norm(m @ m.t() - eye))

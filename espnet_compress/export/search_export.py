@@ -13,6 +13,7 @@ at the pick; :func:`derive_search` checks it on a random input before writing th
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import io
@@ -24,7 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 import torch
 import yaml
 
-from espnet_compress.features.search import SearchFeature, search_feature
+from espnet_compress.features.search import ARCH_MODULE, SearchFeature, search_feature
 from espnet_compress.models.compressed_asr import multi_system_options
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
 from espnet_compress.utils.params import count_parameters
@@ -184,3 +185,48 @@ def _max_encoder_diff(supernet: torch.nn.Module, derived: torch.nn.Module, featu
         a, _ = supernet.encode(speech, lengths)
     b, _ = derived.encode(speech, lengths)
     return float((a - b).abs().max())
+
+
+def warm_start_search(dense_config: Union[str, Path], dense_model: Union[str, Path],
+                      search_config: Union[str, Path], out_file: Union[str, Path]) -> Path:
+    """Write ``out_file``: the trained dense model of ``dense_config``/``dense_model`` (e.g. the fp32
+    baseline) in the layout of the supernet ``search_config`` builds, for stage 1's
+    ``asr_train --init_param`` (:meth:`SearchFeature.warm_start_state`: width prefixes, truncated-SVD
+    factors for the bottlenecks).
+
+    The supernet is built from ``dense_config`` with the network choices of ``search_config`` (each of
+    ASRTask's class choices and its ``*_conf``): the rest -- token list, input size -- is the dense run's,
+    the one its weights were trained with, already parsed by ``asr_train`` (the recipe YAML is not). The
+    result must fill every supernet tensor except the search's own ``alpha`` and counters; anything
+    else missing or left over means the two configs describe different networks, and nothing is
+    written.
+    """
+    from espnet2.tasks.asr import ASRTask
+
+    dense_config, search_config, out_file = Path(dense_config), Path(search_config), Path(out_file)
+    conf = yaml.safe_load(dense_config.read_text())
+    overlay = yaml.safe_load(search_config.read_text())
+    network = {c.name for c in ASRTask.class_choices_list}
+    network |= {f"{name}_conf" for name in network}
+    conf.update({k: v for k, v in overlay.items() if k in network})
+    conf["normalize"] = None  # its statistics file path is the dense run's; the buffers come from dense_model
+    model = ASRTask.build_model(argparse.Namespace(**conf))
+    feature = search_feature(model.encoder)
+    if feature is None:
+        raise ValueError(f"{search_config}: encoder_conf has no search block; nothing to warm-start")
+    dense = torch.load(dense_model, map_location="cpu", weights_only=True)
+    if isinstance(dense.get("model"), dict):  # ESPnet's checkpoint.pth
+        dense = dense["model"]
+    state = feature.warm_start_state(dense, model.encoder)
+    own = {k: v for k, v in state.items() if not k.startswith("normalize.")}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing = [k for k in missing if not k.startswith(f"encoder.{ARCH_MODULE}.")]
+    if missing or unexpected:
+        raise ValueError(f"{dense_model} does not fit the supernet of {search_config}: missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)}); the dense model must "
+                         f"have the supernet's host network (encoder_conf other than search, decoder, vocabulary)")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(out_file, buf.getvalue())
+    log.info("warm start for %s from %s written to %s", search_config, dense_model, out_file)
+    return out_file

@@ -67,6 +67,7 @@ from espnet_compress.core.lowrank import (
     factor,
     semi_orthogonal_init_,
     semi_orthogonal_step_,
+    svd_factors,
 )
 from espnet_compress.core.plan import ExecutionPlan, PlanError
 from espnet_compress.features.base import EncoderFeature
@@ -649,6 +650,54 @@ class SearchFeature(EncoderFeature):
             if cols is not None:
                 value = value[:, :cols]
             out[name] = value.clone()
+        return out
+
+    def warm_start_state(self, dense: Mapping[str, torch.Tensor], encoder: "ElasticEncoder",
+                         prefix: str = "encoder.") -> Dict[str, torch.Tensor]:
+        """``dense`` (the state of a trained model with plain FFNs, e.g. the fp32 baseline) turned into
+        this supernet's FFN layout, so stage 1 starts from what the baseline learned instead of from
+        scratch.
+
+        Widths are prefixes of the dense hidden units (at its full width a width supernet IS the dense
+        model); a factorised layer gets the truncated SVD of the dense weight (:func:`svd_factors`: every
+        nested bottleneck prefix is the best approximation of its rank, and the ``semi_orthogonal``
+        factors start exactly on the constraint). Every other entry of ``dense`` is kept as is; the
+        search's own ``alpha`` and counters are not in ``dense`` and keep their initial values.
+        """
+        out = dict(dense)
+        for key, ch in self.choices.items():
+            base = f"{prefix}{encoder.block_name(ch.block)}.{ch.name}"
+            ffn = getattr(list(encoder.blocks.physical_blocks())[ch.block], ch.name)
+            width = max(ch.widths)
+            for layer, name, cut_rows in (("first", ffn.IN, True), ("second", ffn.OUT, False)):
+                w_key, b_key = f"{base}.{name}.weight", f"{base}.{name}.bias"
+                if w_key not in dense:
+                    raise KeyError(f"{w_key}: not in the dense state; warm start needs a model with the same encoder "
+                                   f"(blocks, FFN names) as {self.where}'s host")
+                weight = dense[w_key]
+                expect = (ch.units, ch.model_dim) if cut_rows else (ch.model_dim, ch.units)
+                if tuple(weight.shape) != expect:
+                    raise ValueError(f"{w_key}: shape {tuple(weight.shape)}, but the supernet's FFN {key} is "
+                                     f"{expect[0]}x{expect[1]} (model dim {ch.model_dim}, linear_units {ch.units})")
+                weight = weight[:width] if cut_rows else weight[:, :width]
+                bias = dense.get(b_key)
+                if bias is not None and cut_rows:
+                    bias = bias[:width]
+                rank = max(ch.ranks) if ch.ranks[0] is not None else None
+                del out[w_key]
+                out.pop(b_key, None)
+                if rank is None:
+                    out[w_key] = weight.clone()
+                    if bias is not None:
+                        out[b_key] = bias.clone()
+                    continue
+                letters = {part: letter == "S" for (lay, part), letter in zip(FACTOR_POSITIONS, self.semi_orthogonal)
+                           if lay == layer}
+                proj, affine = svd_factors(weight, rank, (letters["proj"], letters["affine"]))
+                out[f"{base}.{name}.proj.weight"] = proj
+                out[f"{base}.{name}.affine.weight"] = affine
+                if bias is not None:
+                    out[f"{base}.{name}.affine.bias"] = bias.clone()
         return out
 
 

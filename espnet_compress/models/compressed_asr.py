@@ -81,7 +81,7 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
             if self.decoder_quant.ctc:
                 if self.ctc is None:
                     raise ValueError("model_conf.decoder_quant.ctc is set but the model has no CTC")
-                quantize_(self.ctc, self.decoder_quant)  # fixed width: systems set the decoder's only
+                quantize_(self.ctc, self.decoder_quant)  # a system's decoder_bits sets it too
         if not isinstance(share_computation, bool):
             raise SystemSpecError(f"model_conf.share_computation must be true or false, got {share_computation!r}")
         self.share_computation = share_computation

@@ -149,6 +149,9 @@ class MultiSystemMixin:
         self.encoder.set_plan(spec.plan)
         if self.decoder is not None:
             set_bits(self.decoder, (("*", spec.decoder_bits),))
+        dq = getattr(self, "decoder_quant", None)
+        if dq is not None and dq.ctc:  # decoder_bits covers all decoder_quant quantizes, as export writes it
+            set_bits(self.ctc, (("*", spec.decoder_bits),))
         self.active_system = name
         return spec
 
