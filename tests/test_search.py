@@ -384,6 +384,17 @@ def test_warm_start_refuses_a_dense_model_of_another_shape_and_writes_nothing(as
     assert not (tmp_path / "warm.pth").exists()
 
 
+def test_warm_start_cli_names_a_missing_file_and_a_misfit(asr_task, tmp_path, capsys):
+    from espnet_compress.bin.warm_start_search import main
+
+    _, config, search_config = _dense_and_search_configs(asr_task, tmp_path, {"ranks": [8, 16]}, linear_units=64)
+    common = ["--dense_config", str(config), "--search_config", str(search_config), "--out", str(tmp_path / "w.pth")]
+    assert main([*common, "--dense_model", str(tmp_path / "nope.pth")]) == 2
+    assert "nope.pth does not exist" in capsys.readouterr().err
+    assert main([*common, "--dense_model", str(tmp_path / "model.pth")]) == 2
+    assert "linear_units 64" in capsys.readouterr().err and not (tmp_path / "w.pth").exists()
+
+
 def test_a_uniform_answer_exports_as_a_stock_conformer(asr_task, tmp_path):
     from espnet2.tasks.asr import ASRTask
 
