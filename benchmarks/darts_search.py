@@ -39,7 +39,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -51,6 +51,7 @@ from nested_supernet import (  # noqa: E402
     add_common_args,
     begin,
     find_baseline,
+    long_control as make_long_control,
     fmt_seconds,
     plot_setup,
     prepare_corpus,
@@ -121,6 +122,7 @@ class Result:
     stage2_cpu: Optional[float]
     finetune_cpu: Optional[float]
     vs_control: str
+    vs_long: Optional[str]  # against the control trained as long (--long_control_epochs), if run
 
 
 def _link(target: Path, link: Path) -> None:
@@ -143,6 +145,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "prefixes, so the width supernet at its largest width IS the baseline; truncated-SVD "
                         "factors for the bottlenecks) and trains EPOCHS epochs, instead of training from scratch "
                         "to the baseline's stopping rule")
+    p.add_argument("--long_control_epochs", type=int, default=0,
+                   help="also score every searched model against the baseline fine-tuned this many epochs with the "
+                        "control's schedule (about as many updates as stage 1 + fine-tuning, or more); 0: not run")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only variants whose name starts with one of these (e.g. width_gumbel)")
     args = p.parse_args(argv)
@@ -226,17 +231,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     specs += [SystemSpec(name, exp.decode_dir(), exp.exp_dir / exp.inference_model) for name, exp in finetuned.items()]
     table = compare(specs, "baseline", template.data_dir, ["test"], bench / "compare")
     base_row, rows = table.rows[0], table.rows[1:]
-    # the main job's equal-compute control (the baseline fine-tuned further), when it has one
+    # the main job's control (the baseline fine-tuned further), when it has one, and one trained as long
+    def against(ctl: AsrExperiment, name: str) -> Tuple[Dict[str, str], str, str]:
+        ctl.decode()
+        cmp = compare([SystemSpec(name, ctl.decode_dir(), ctl.exp_dir / ctl.inference_model), *specs[1:]], name,
+                      template.data_dir, ["test"], bench / f"compare_vs_{name}")
+        return ({row.spec.name: verdict_text(row.significance["test"]) for row in cmp.rows[1:]},
+                f"{cmp.rows[0].wer['test'].wer:.2f}%", str(training_summary(ctl.exp_dir).epochs))
+
     control = dataclasses.replace(template, exp_dir=exp_dir / f"asr_{CONTROL.name}")
-    vs_control: Dict[str, str] = {}
-    control_wer, control_epochs = "no control", "-"
-    if control.is_trained():
-        control.decode()
-        ctrl = compare([SystemSpec(CONTROL.name, control.decode_dir(), control.exp_dir / control.inference_model),
-                        *specs[1:]], CONTROL.name, template.data_dir, ["test"], bench / "compare_vs_control")
-        vs_control = {row.spec.name: verdict_text(row.significance["test"]) for row in ctrl.rows[1:]}
-        control_wer = f"{ctrl.rows[0].wer['test'].wer:.2f}%"
-        control_epochs = str(training_summary(control.exp_dir).epochs)
+    vs_control, control_wer, control_epochs = against(control, CONTROL.name) if control.is_trained() else (
+        {}, "no control", "-")
+    vs_long, long_wer = {}, None
+    if args.long_control_epochs:
+        vs_long, long_wer, _ = against(make_long_control(template, exp_dir, baseline, args.long_control_epochs, common),
+                                       f"{CONTROL.name}_{args.long_control_epochs}ep")
     results = []
     for v, row in zip(chosen, rows):
         sig = row.significance["test"]
@@ -245,10 +254,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             params=row.num_params, bytes=row.checkpoint_bytes, wer=row.wer["test"].wer, verdict=verdict_text(sig),
             p_value=None if sig is None else sig.p_value, stage1_cpu=records[f"{v.object}_stage1"].cpu_seconds,
             stage2_cpu=records[f"{v.name}_stage2"].cpu_seconds, finetune_cpu=records[f"{v.name}_finetune"].cpu_seconds,
-            vs_control=vs_control.get(v.name, "no control")))
+            vs_control=vs_control.get(v.name, "no control"), vs_long=vs_long.get(v.name)))
     base = {"params": base_row.num_params, "bytes": base_row.checkpoint_bytes, "wer": base_row.wer["test"].wer,
             "train_cpu": records["baseline"].cpu_seconds, "train_seconds": records["baseline"].seconds,
-            "exp_dir": str(baseline.exp_dir), "control_wer": control_wer, "control_epochs": control_epochs}
+            "exp_dir": str(baseline.exp_dir), "control_wer": control_wer, "control_epochs": control_epochs,
+            "long_control_wer": long_wer}
     if base["train_cpu"] is None:
         base["train_cpu"] = read_train_seconds(baseline.exp_dir)[2]
     report = _report(results, base, args, split, table.to_markdown())
@@ -284,6 +294,8 @@ def _stage1_text(args: argparse.Namespace) -> str:
 
 
 def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Namespace, split, scoring: str) -> str:
+    long_head = f" vs control as long ({args.long_control_epochs} epochs) |" if args.long_control_epochs else ""
+    long_base = f" control {base['long_control_wer']} |" if long_head else ""
     lines = [
         "## DARTS search over FFN widths and bottlenecks (benchmarks/darts_search.py)",
         "",
@@ -294,17 +306,18 @@ def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Name
         f"(full training set, from the inherited weights).",
         "",
         "| search | eta | architecture (per block; FW-m = macaron FFN) | parameters | x smaller | bytes | WER test | "
-        "MAPSSWE vs baseline | vs control | CPU s stage 1 / stage 2 / fine-tune |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|---|",
+        f"MAPSSWE vs baseline | vs control |{long_head} CPU s stage 1 / stage 2 / fine-tune |",
+        f"|---|---:|---|---:|---:|---:|---:|---|---|{'---|' if long_head else ''}---|",
         f"| fp32 baseline | | 4 x FFN 384 | {base['params']:,} | 1.00 | {base['bytes']:,} | {base['wer']:.2f}% | "
-        f"baseline | control {base['control_wer']} | training {fmt_seconds(base['train_cpu'])} |",
+        f"baseline | control {base['control_wer']} |{long_base} training {fmt_seconds(base['train_cpu'])} |",
     ]
     for r in results:
         ratio = base["params"] / r.params if r.params else float("nan")
         lines.append(
             f"| {r.variant.object} {r.variant.method} | {r.variant.eta:g} | {_compact(r.architecture)}"
             f"{' (stock conformer)' if r.stock else ''} | {r.params:,} | {ratio:.2f} | {r.bytes:,} | {r.wer:.2f}% | "
-            f"{r.verdict} | {r.vs_control} | {fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / "
+            f"{r.verdict} | {r.vs_control} |{f' {r.vs_long} |' if long_head else ''} "
+            f"{fmt_seconds(r.stage1_cpu)} / {fmt_seconds(r.stage2_cpu)} / "
             f"{fmt_seconds(r.finetune_cpu)} |")
     for obj in OBJECTS:
         sweep = sorted((r for r in results if r.variant.object == obj and r.variant.method == "gumbel"),

@@ -194,6 +194,21 @@ def _configured_epochs(config: Path) -> int:
     return int(yaml.safe_load(Path(config).read_text()).get("max_epoch", 0))
 
 
+def long_control(template: AsrExperiment, exp_dir: Path, baseline: AsrExperiment, epochs: int,
+                 train_args: List[str]) -> AsrExperiment:
+    """The main job's control trained as long as a compressed system that had ``epochs`` more epochs
+    after the baseline (the baseline fine-tuned with the control's schedule), trained if missing.
+    One per main-job dir and length, so every benchmark comparing against it shares the training."""
+    if epochs <= 0:
+        raise SystemExit(f"--long_control_epochs must be positive, got {epochs}")
+    exp = dataclasses.replace(
+        template, exp_dir=exp_dir / "benchmarks" / f"asr_{CONTROL.name}_{epochs}ep", train_config=CONTROL.config,
+        train_args=[*train_args, "--max_epoch", str(epochs),
+                    "--init_param", str(baseline.exp_dir / baseline.inference_model)])
+    timed_train("long_control", exp, epochs)
+    return exp
+
+
 def timed_train(name: str, exp: AsrExperiment, max_epoch: Optional[int]) -> TrainRecord:
     """``exp.train()`` (stock asr_train), timed by our own wall clock and recorded next to the
     model; a training already on disk is reused after checking it ran the requested epochs."""

@@ -51,6 +51,7 @@ from nested_supernet import (  # noqa: E402
     add_common_args,
     begin,
     find_baseline,
+    long_control as make_long_control,
     plot_setup,
     prepare_corpus,
     read_train_seconds,
@@ -134,8 +135,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                              f"benchmarks/darts_search.py --only {args.variant} "
                              f"{'--stage1_from_baseline N ' if args.search_run.endswith('warm') else ''}first")
     searched_model = searched.exp_dir / searched.inference_model
-    if args.long_control_epochs < 0:
-        raise SystemExit(f"--long_control_epochs must be >= 0, got {args.long_control_epochs}")
     from espnet_compress.quant.api import QuantConfig
 
     try:  # the width must suit the QAT config's quantizer too (e.g. max scaling has no 1-bit grid)
@@ -145,11 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"whole_pipeline: {err}") from None
     long_control = None
     if args.long_control_epochs:
-        long_control = dataclasses.replace(
-            template, exp_dir=bench.parent / f"asr_{CONTROL.name}_{args.long_control_epochs}ep",
-            train_config=CONTROL.config, train_args=[*train_args, "--max_epoch", str(args.long_control_epochs),
-                                                     "--init_param", str(baseline.exp_dir / baseline.inference_model)])
-        timed_train("long_control", long_control, args.long_control_epochs)
+        long_control = make_long_control(template, exp_dir, baseline, args.long_control_epochs, train_args)
 
     # ---- 1. sensitivities and the allocation
     from espnet2.tasks.asr import ASRTask
