@@ -108,6 +108,7 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
         )
     aux_files = _auxiliary_files(train_conf, config)
     model = _build_model(config, model_file)
+    plane_systems = bit_plane_systems(model, config)  # first: names a system left in full precision
     if not any(m.bits for m in quantized_modules(model).values()):
         raise ExportError(
             f"{model_file}: the model built from {config} has no quantized layer (encoder "
@@ -115,8 +116,6 @@ def export_packed(config: PathLike, model_file: PathLike, out_dir: PathLike, fp_
             f"{(train_conf.get('model_conf') or {}).get('decoder_quant')}); a packed export needs a "
             f"QAT model, e.g. encoder quantized_conformer or model_conf.decoder_quant"
         )
-
-    plane_systems = bit_plane_systems(model, config)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".export"))
