@@ -50,9 +50,10 @@ from nested_supernet import (  # noqa: E402
     TrainRecord,
     add_common_args,
     begin,
+    epochs_or_zero,
     find_baseline,
-    long_control as make_long_control,
     fmt_seconds,
+    long_control as make_long_control,
     plot_setup,
     prepare_corpus,
     read_train_seconds,
@@ -145,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "prefixes, so the width supernet at its largest width IS the baseline; truncated-SVD "
                         "factors for the bottlenecks) and trains EPOCHS epochs, instead of training from scratch "
                         "to the baseline's stopping rule")
-    p.add_argument("--long_control_epochs", type=int, default=0,
+    p.add_argument("--long_control_epochs", type=epochs_or_zero, default=0,
                    help="also score every searched model against the baseline fine-tuned this many epochs with the "
                         "control's schedule (about as many updates as stage 1 + fine-tuning, or more); 0: not run")
     p.add_argument("--only", nargs="+", default=None,

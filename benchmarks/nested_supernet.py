@@ -194,13 +194,19 @@ def _configured_epochs(config: Path) -> int:
     return int(yaml.safe_load(Path(config).read_text()).get("max_epoch", 0))
 
 
+def epochs_or_zero(value: str) -> int:
+    """argparse type of ``--long_control_epochs``: refused at parse time, before anything trains."""
+    epochs = int(value)
+    if epochs < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 epochs (0: no such control), got {epochs}")
+    return epochs
+
+
 def long_control(template: AsrExperiment, exp_dir: Path, baseline: AsrExperiment, epochs: int,
                  train_args: List[str]) -> AsrExperiment:
     """The main job's control trained as long as a compressed system that had ``epochs`` more epochs
     after the baseline (the baseline fine-tuned with the control's schedule), trained if missing.
     One per main-job dir and length, so every benchmark comparing against it shares the training."""
-    if epochs <= 0:
-        raise SystemExit(f"--long_control_epochs must be positive, got {epochs}")
     exp = dataclasses.replace(
         template, exp_dir=exp_dir / "benchmarks" / f"asr_{CONTROL.name}_{epochs}ep", train_config=CONTROL.config,
         train_args=[*train_args, "--max_epoch", str(epochs),

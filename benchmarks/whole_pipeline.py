@@ -50,6 +50,7 @@ from nested_supernet import (  # noqa: E402
     CONTROL,
     add_common_args,
     begin,
+    epochs_or_zero,
     find_baseline,
     long_control as make_long_control,
     plot_setup,
@@ -110,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget", type=float, default=3.0, help="average bits of the allocated layers")
     p.add_argument("--front_bits", type=int, default=4,
                    help="bits of the Conv2d subsampling, token embedding and CTC projection (0: fp32)")
-    p.add_argument("--long_control_epochs", type=int, default=0,
+    p.add_argument("--long_control_epochs", type=epochs_or_zero, default=0,
                    help="also train (and compare with) a control as long as the pipeline: the baseline fine-tuned "
                         "this many epochs with the control's schedule (0: only the main job's control)")
     p.add_argument("--num_utts", type=int, default=32,

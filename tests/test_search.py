@@ -375,6 +375,11 @@ def test_warm_start_puts_the_dense_model_into_the_supernet(asr_task, tmp_path):
                                rtol=1e-4, atol=1e-5)
     assert semi_orthogonality_error(ffn.w_1.proj.weight) < 1e-4  # S...: first layer's projection
     assert semi_orthogonality_error(ffn.w_2.affine.weight) < 1e-4  # ...S: second layer's affine part
+    # ESPnet's checkpoint.pth (model state beside the optimiser's) warm-starts the same supernet
+    torch.save({"model": dense.state_dict(), "optimizers": [{}]}, tmp_path / "checkpoint.pth")
+    again = torch.load(warm_start_search(config, tmp_path / "checkpoint.pth", search_config, tmp_path / "w2.pth"))
+    first = torch.load(out)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_warm_start_refuses_a_dense_model_of_another_shape_and_writes_nothing(asr_task, tmp_path):

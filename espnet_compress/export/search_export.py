@@ -28,7 +28,7 @@ import yaml
 from espnet_compress.features.search import ARCH_MODULE, SearchFeature, search_feature
 from espnet_compress.models.compressed_asr import multi_system_options
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text
-from espnet_compress.utils.params import count_parameters
+from espnet_compress.utils.params import count_parameters, model_state
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,7 @@ def warm_start_search(dense_config: Union[str, Path], dense_model: Union[str, Pa
     feature = search_feature(model.encoder)
     if feature is None:
         raise ValueError(f"{search_config}: encoder_conf has no search block; nothing to warm-start")
-    dense = torch.load(dense_model, map_location="cpu", weights_only=True)
-    if isinstance(dense.get("model"), dict):  # ESPnet's checkpoint.pth
-        dense = dense["model"]
+    dense = model_state(torch.load(dense_model, map_location="cpu", weights_only=True))
     state = feature.warm_start_state(dense, model.encoder)
     own = {k: v for k, v in state.items() if not k.startswith("normalize.")}
     missing, unexpected = model.load_state_dict(own, strict=False)

@@ -268,6 +268,8 @@ class SearchFeature(EncoderFeature):
         if "semi_orthogonal" in c and self.ranks is None and not (self.fixed and self.fixed.get("rank")):
             raise SearchConfigError(f"{where}.semi_orthogonal: applies to low-rank factors; give {where}.ranks")
         self.semi_orthogonal = so
+        #: the (layer, part) positions of FACTOR_POSITIONS whose letter is S
+        self.orthogonal = frozenset(pos for pos, letter in zip(FACTOR_POSITIONS, so) if letter == "S")
         every = c.get("orthogonal_every", 4)
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise SearchConfigError(f"{where}.orthogonal_every: a positive number of steps, got {every!r}")
@@ -395,8 +397,8 @@ class SearchFeature(EncoderFeature):
         if rank is not None:
             new_first = LowRankLinear(d, width, rank, bias=first.bias is not None).to(**kw)
             new_second = LowRankLinear(width, d, rank, bias=second.bias is not None).to(**kw)
-            for (layer, part), letter in zip(FACTOR_POSITIONS, self.semi_orthogonal):
-                if letter == "S":
+            for layer, part in FACTOR_POSITIONS:  # in order: each init draws from the global RNG
+                if (layer, part) in self.orthogonal:
                     semi_orthogonal_init_(factor(new_first if layer == "first" else new_second, part))
             setattr(ffn, ffn.IN, new_first)
             setattr(ffn, ffn.OUT, new_second)
@@ -550,11 +552,10 @@ class SearchFeature(EncoderFeature):
         """The factors the ``semi_orthogonal`` letters constrain, in every FFN."""
         out = []
         for ch in self.choices.values():
-            block = list(encoder.blocks.physical_blocks())[ch.block]
-            module = getattr(block, ch.name)
-            for (layer, part), letter in zip(FACTOR_POSITIONS, self.semi_orthogonal):
+            module, _ = _located(encoder, ch)
+            for layer, part in FACTOR_POSITIONS:
                 lin = module.first if layer == "first" else module.second
-                if letter == "S" and isinstance(lin, LowRankLinear):
+                if (layer, part) in self.orthogonal and isinstance(lin, LowRankLinear):
                     out.append(factor(lin, part))
         return out
 
@@ -625,9 +626,7 @@ class SearchFeature(EncoderFeature):
         cuts: Dict[str, Tuple[Optional[int], Optional[int]]] = {}
         for key, ch in self.choices.items():
             w, r = sizes[key]
-            base = f"{prefix}{encoder.block_name(ch.block)}.{ch.name}"
-            block = list(encoder.blocks.physical_blocks())[ch.block]
-            ffn = getattr(block, ch.name)
+            ffn, base = _located(encoder, ch, prefix)
             first, second = f"{base}.{ffn.IN}", f"{base}.{ffn.OUT}"
             if r is None:
                 cuts[f"{first}.weight"] = (w, None)
@@ -666,9 +665,9 @@ class SearchFeature(EncoderFeature):
         """
         out = dict(dense)
         for key, ch in self.choices.items():
-            base = f"{prefix}{encoder.block_name(ch.block)}.{ch.name}"
-            ffn = getattr(list(encoder.blocks.physical_blocks())[ch.block], ch.name)
+            ffn, base = _located(encoder, ch, prefix)
             width = max(ch.widths)
+            rank = max(ch.ranks) if ch.ranks[0] is not None else None
             for layer, name, cut_rows in (("first", ffn.IN, True), ("second", ffn.OUT, False)):
                 w_key, b_key = f"{base}.{name}.weight", f"{base}.{name}.bias"
                 if w_key not in dense:
@@ -683,7 +682,6 @@ class SearchFeature(EncoderFeature):
                 bias = dense.get(b_key)
                 if bias is not None and cut_rows:
                     bias = bias[:width]
-                rank = max(ch.ranks) if ch.ranks[0] is not None else None
                 del out[w_key]
                 out.pop(b_key, None)
                 if rank is None:
@@ -691,14 +689,19 @@ class SearchFeature(EncoderFeature):
                     if bias is not None:
                         out[b_key] = bias.clone()
                     continue
-                letters = {part: letter == "S" for (lay, part), letter in zip(FACTOR_POSITIONS, self.semi_orthogonal)
-                           if lay == layer}
-                proj, affine = svd_factors(weight, rank, (letters["proj"], letters["affine"]))
+                proj, affine = svd_factors(weight, rank, ((layer, "proj") in self.orthogonal,
+                                                          (layer, "affine") in self.orthogonal))
                 out[f"{base}.{name}.proj.weight"] = proj
                 out[f"{base}.{name}.affine.weight"] = affine
                 if bias is not None:
                     out[f"{base}.{name}.affine.bias"] = bias.clone()
         return out
+
+
+def _located(encoder: "ElasticEncoder", ch: FFNChoices, prefix: str = "encoder.") -> Tuple[ElasticFFN, str]:
+    """The FFN module of ``ch`` and its state-dict name (under ``prefix``)."""
+    module = getattr(list(encoder.blocks.physical_blocks())[ch.block], ch.name)
+    return module, f"{prefix}{encoder.block_name(ch.block)}.{ch.name}"
 
 
 class _Pinned:

@@ -16,7 +16,7 @@ torch and ESPnet are imported only when a file is counted, so the scoring tools 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:
     import torch
@@ -77,12 +77,18 @@ def count_file_parameters(model_file: PathLike, config: Optional[PathLike] = Non
 
         names = {rec["name"] for rec in json.loads(state[MAGIC])["tensors"]}
     else:
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # ESPnet's checkpoint.pth
-            state = state["model"]
-        names = set(state)
+        names = set(model_state(state))
     missing = sorted(n for n, _ in model.named_parameters() if n not in names)
     if missing:
         raise ParameterCountError(
             f"{model_file} does not hold the model built from {config}: {len(missing)} parameters missing, "
             f"e.g. {missing[:3]}; give the config the file was trained or exported with")
     return count_parameters(model)
+
+
+def model_state(loaded: Any) -> Any:
+    """The model's state in what ``torch.load`` returned: ESPnet's ``checkpoint.pth`` (for
+    ``--resume``) holds it under ``model`` beside the optimiser's; a model file is the state itself."""
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        return loaded["model"]
+    return loaded
