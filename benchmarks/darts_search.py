@@ -62,6 +62,7 @@ from nested_supernet import (  # noqa: E402
 )
 
 from espnet_compress.export.search_export import RECORD, derive_search, warm_start_search  # noqa: E402
+from espnet_compress.features.search import SearchConfigError, parse_eta  # noqa: E402
 from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
 from espnet_compress.pipeline.search import split_held_out  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
@@ -126,6 +127,15 @@ class Result:
     vs_long: Optional[str]  # against the control trained as long (--long_control_epochs), if run
 
 
+def _eta(value: str) -> float:
+    """argparse type: the search's own rule for ``eta``, applied before anything trains (stage 2,
+    where the search would refuse it, starts only after stage 1)."""
+    try:
+        return parse_eta(float(value))
+    except (SearchConfigError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _link(target: Path, link: Path) -> None:
     if not link.exists():
         link.symlink_to(target.resolve(), target_is_directory=True)
@@ -137,9 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--stage2_epochs", type=int, default=None, help="epochs of every stage-2 run (default: config's)")
     p.add_argument("--finetune_epochs", type=int, default=4, help="epochs of each derived model's fine-tuning")
     p.add_argument("--held_out_fraction", type=float, default=0.2, help="share of train held out for stage 2")
-    p.add_argument("--etas", type=float, nargs="+", default=[0.0, 2.0, 8.0], help="Gumbel width-search eta sweep")
-    p.add_argument("--softmax_eta", type=float, default=2.0, help="eta of the plain-softmax ablation")
-    p.add_argument("--object_etas", type=float, nargs="+", default=[2.0],
+    p.add_argument("--etas", type=_eta, nargs="+", default=[0.0, 2.0, 8.0], help="Gumbel width-search eta sweep")
+    p.add_argument("--softmax_eta", type=_eta, default=2.0, help="eta of the plain-softmax ablation")
+    p.add_argument("--object_etas", type=_eta, nargs="+", default=[2.0],
                    help="etas of the rank-only and both searches")
     p.add_argument("--stage1_from_baseline", type=int, default=None, metavar="EPOCHS",
                    help="warm start: every supernet's stage 1 starts from the fp32 baseline's weights (width "

@@ -199,6 +199,11 @@ def _number(value: Any, where: str, positive: bool = False) -> float:
     return float(value)
 
 
+def parse_eta(value: Any, where: str = "eta") -> float:
+    """The penalty weight: a number >= 0 (0: no penalty)."""
+    return _number(value, where)
+
+
 # ---------------------------------------------------------------------------------------- the feature
 class SearchFeature(EncoderFeature):
     """``search`` options (see the module docstring):
@@ -242,7 +247,7 @@ class SearchFeature(EncoderFeature):
                                     f"plain softmax is softmax(alpha)")
         self.temperature = self._parse_temperature(
             DEFAULT_TEMPERATURE if c.get("temperature") is None else c["temperature"], f"{where}.temperature")
-        self.eta = _number(c.get("eta", 0.0), f"{where}.eta")
+        self.eta = parse_eta(c.get("eta", 0.0), f"{where}.eta")
         self.target_ratio = None if c.get("target_ratio") is None else _number(
             c["target_ratio"], f"{where}.target_ratio", positive=True)
         if self.target_ratio is not None and self.target_ratio > 1:
