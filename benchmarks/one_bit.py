@@ -158,13 +158,12 @@ def mix_plan(config: Path, model_file: Path, high_system: str = "bit2", low_syst
     return {"name": "mix15", "bits": [list(r) for r in rules]}
 
 
-def export_co_trained(exp: AsrExperiment, out: Path, systems: Sequence[str], mix: Mapping[str, Any],
+def export_co_trained(config: Path, model_file: Path, out: Path, systems: Sequence[str], mix: Mapping[str, Any],
                       decoder_bits: int, ternary_packing: str) -> Dict[str, Path]:
     """Packed standalone files of the named systems and of the fixed mix (reused when present)."""
     from espnet_compress.export.system_export import export_system
 
     files: Dict[str, Path] = {}
-    config, model_file = exp.exp_dir / "config.yaml", exp.exp_dir / exp.inference_model
     for name in list(systems) + ["mix15"]:
         sys_dir = out / name
         done = sys_dir / "export.json"
@@ -262,8 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         mix = mix_plan(exp.exp_dir / "config.yaml", exp.exp_dir / exp.inference_model)
         decoder_bits = yaml.safe_load((exp.exp_dir / "config.yaml").read_text())["model_conf"]["systems"]["bit2"].get(
             "decoder_bits", 0)
-        files = export_co_trained(exp, bench / "systems" / key, ["bit2", "bit1"], mix, decoder_bits,
-                                  args.ternary_packing)
+        files = export_co_trained(exp.exp_dir / "config.yaml", exp.exp_dir / exp.inference_model, bench / "systems" / key,
+                                  ["bit2", "bit1"], mix, decoder_bits, args.ternary_packing)
         for sys_name, bits, env in (("bit2", 2, {SYSTEM: "bit2"}), ("mix15", 1.5, {PLAN: json.dumps(mix)}),
                                     ("bit1", 1, {SYSTEM: "bit1"})):
             name = f"{key}_{sys_name}"

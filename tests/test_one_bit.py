@@ -434,3 +434,31 @@ def test_co_trained_systems_and_a_fixed_mix_export_packed_and_compute_what_they_
         widths = {r["bits"] for r in header["tensors"] if r["name"].startswith("encoder.")}
         assert widths == ({0, 1, 4} if name == "bit1" else {0, 1, 2, 4})
         assert {r["bits"] for r in header["tensors"] if r["name"].startswith("decoder.")} == {0, 4}
+
+
+# ------------------------------------------------------------------------------ bytes at any size
+def test_size_benchmark_exports_every_layout(tmp_path):
+    """``benchmarks/one_bit_size.py`` (the paper-size byte table) on the tiny configs: every system
+    exports through ``export_system``, and the bytes fall where the layouts say they must."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "benchmarks"))
+    import one_bit_size
+
+    conf = repo / "conf" / "spoken_commands"
+    assert one_bit_size.main(["--out", str(tmp_path), "--vocab", "20",
+                              "--config", str(conf / "train_asr_one_bit_cotrain_tiny.yaml"),
+                              "--fp32_config", str(conf / "train_asr_conformer_tiny.yaml")]) == 0
+    rows = {r["system"]: r for r in json.loads((tmp_path / "one_bit_size.json").read_text())}
+    assert rows["bit1"]["blocks"] < rows["mix15"]["blocks"] < rows["bit2"]["blocks"] < rows["fp32"]["blocks"] / 8
+    assert rows["bit1_conv1"]["blocks"] < rows["bit1"]["blocks"]  # the 4-bit conv modules at 1 bit
+    # the decoder's precision changes the file, not the encoder
+    assert rows["bit1_fp_decoder"]["encoder"] == rows["bit1"]["encoder"]
+    assert rows["bit1_fp_decoder"]["file"] > rows["bit1"]["file"]
+    # quantizing the front end leaves the blocks alone and shrinks the float part to biases and norms
+    assert rows["bit1_front4"]["blocks"] == rows["bit1"]["blocks"]
+    assert rows["bit1_front4"]["by_width"]["fp32"] < rows["bit1"]["by_width"]["fp32"] / 5
+    assert rows["bit1_front4"]["file"] < rows["bit1"]["file"]
+    assert set(rows["bit1"]["by_width"]) == {"1-bit", "4-bit", "fp32"}
+    assert set(rows["bit2"]["by_width"]) == {"2-bit", "4-bit", "fp32"}

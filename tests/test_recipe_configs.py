@@ -222,6 +222,49 @@ def test_qat_configs_differ_from_their_baseline_only_where_intended():
             assert qat["optim_conf"]["lr"] < base["optim_conf"]["lr"], (corpus, bits)
 
 
+#: GPU configs trained from scratch like the fp32 baseline: everything but the network is the baseline's
+FROM_SCRATCH = ("train_asr_nested_conformer.yaml", "train_asr_foldable_conformer.yaml",
+                "train_asr_one_bit_cotrain.yaml")
+
+
+@pytest.mark.parametrize("corpus", GPU_CORPORA)
+def test_from_scratch_configs_share_the_baselines_training_settings(corpus):
+    """A compressed system trained from scratch is judged against the baseline trained the same way:
+    data, front end, SpecAugment, batch, optimiser, schedule and epochs must be the baseline's."""
+    base = _yaml(REPO / "conf" / corpus / "train_asr_conformer.yaml")
+    configs = [REPO / "conf" / corpus / name for name in FROM_SCRATCH]
+    for config in [c for c in configs if c.exists()]:
+        conf = _yaml(config)
+        differs = {k for k in set(base) | set(conf) if base.get(k) != conf.get(k)} - set(NETWORK_KEYS)
+        assert not differs, f"{config.name}: differs from the baseline in {sorted(differs)}"
+        assert conf["decoder_conf"] == base["decoder_conf"] and conf.get("init") == base.get("init")
+
+
+def test_swbd_one_bit_config_is_the_authors_setting(asr_task, token_list):
+    """The authors' 12-block stochastic schedule (0.305 .. 0.905), 1-bit and 2-bit systems that differ
+    only in the Conformer blocks' widths (the conv module stays 4-bit), and the header's "1.5-bit"
+    decode plan: blocks 0-5 at 1 bit, 6-11 at 2 bits."""
+    import json
+
+    config = REPO / "conf" / "swbd" / "train_asr_one_bit_cotrain.yaml"
+    _, model = _build(asr_task, config, token_list, device="meta")
+    probs = model.systems["mix"].stochastic.probs
+    assert len(probs) == 12 and round(probs[0], 3) == 0.305 and round(probs[-1], 3) == 0.905
+    match = re.search(r"ESPNET_COMPRESS_PLAN='(\{.*\})'", config.read_text())
+    assert match, "the 1.5-bit plan example is missing from the header"
+    plan = model.encoder.check_plan(json.loads(match.group(1)))
+    bit1, bit2 = model.systems["bit1"].plan, model.systems["bit2"].plan
+    for name in model.encoder.quantizable_modules():
+        if ".conv_module." in name:
+            assert plan.bits_for(name) == bit1.bits_for(name) == bit2.bits_for(name) == 4, name
+        elif name.startswith("encoders."):
+            block = int(name.split(".")[1])
+            assert plan.bits_for(name) == (1 if block < 6 else 2), name
+            assert (bit1.bits_for(name), bit2.bits_for(name)) == (1, 2), name
+        else:
+            assert plan.bits_for(name) == bit2.bits_for(name), name
+
+
 #: what a tiny config may change: the network (encoder, model and their options), ESPnet's parameter
 #: freezing; everything else is the baseline's training setting, so every twin and baseline trains
 #: on the same data settings and stops by the same rule
