@@ -94,8 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = compare(specs, "baseline4", template.data_dir, ["test"], bench / "compare")
     base_bytes = base_file.stat().st_size
     one_file = (composed.exp_dir / composed.inference_model).stat().st_size
-    trained = {name: f"{training_summary(r.exp_dir).describe()}, {(r.cpu_seconds or 0):.0f} s CPU"
-               for name, r in records.items()}
+    trained = {name: f"{training_summary(r.exp_dir).describe()}, {r.time_text()}" for name, r in records.items()}
     rows = []
     for row in table.rows:
         sig = row.significance.get("test")

@@ -189,6 +189,13 @@ class TrainRecord:
     trained_now: bool
     cpu_seconds: Optional[float] = None  # user+sys CPU time of asr_train and its workers
 
+    def time_text(self) -> str:
+        """CPU time when it was measured, else the wall time and its source: a reused training
+        (e.g. the main job's baseline) has no CPU record, and "0 s" would misreport it."""
+        if self.cpu_seconds is not None:
+            return f"{self.cpu_seconds:.0f} s CPU"
+        return f"{fmt_seconds(self.seconds)} s wall ({self.source})"
+
 
 def _configured_epochs(config: Path) -> int:
     return int(yaml.safe_load(Path(config).read_text()).get("max_epoch", 0))
