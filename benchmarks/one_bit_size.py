@@ -27,6 +27,7 @@ Outputs ``<out>/one_bit_size.{md,json}``; restartable (exports are reused).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from one_bit import blocks_prefix, export_co_trained, fp32_sizes, mix_plan, packed_sizes  # noqa: E402
 
-from espnet_compress.utils.io import atomic_write_text  # noqa: E402
+from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 log = logging.getLogger("one_bit_size")
 CONF = REPO / "conf" / "swbd"
@@ -66,7 +67,6 @@ def whole_model_variant(config: Path, out: Path) -> Path:
     quant["conv2d"] = True
     conf["model_conf"]["decoder_quant"].update(embedding=True, ctc=True)
     path = out / config.name
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(conf, sort_keys=False))
     return path
 
@@ -80,7 +80,6 @@ def random_checkpoint(config: Path, vocab: int, out: Path) -> Tuple[Path, Path]:
     conf_file, model_file = out / "config.yaml", out / "model.pth"
     if model_file.exists():
         return conf_file, model_file
-    out.mkdir(parents=True, exist_ok=True)
     tokens = out / "tokens.txt"
     atomic_write_text(tokens, "\n".join(["<blank>", "<unk>", *[f"t{i}" for i in range(vocab - 3)], "<sos/eos>"]) + "\n")
     args = ASRTask.get_parser().parse_args(["--config", str(config), "--token_list", str(tokens)])
@@ -89,10 +88,18 @@ def random_checkpoint(config: Path, vocab: int, out: Path) -> Tuple[Path, Path]:
     model = ASRTask.build_model(args)
     args.token_list = str(tokens)
     atomic_write_text(conf_file, yaml_no_alias_safe_dump(vars(args), indent=4, sort_keys=False))
-    tmp = model_file.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(model_file)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(model_file, buf.getvalue())
     return conf_file, model_file
+
+
+def vocab_size(value: str) -> int:
+    """argparse type of ``--vocab``: <blank>, <unk> and <sos/eos> plus at least one token."""
+    size = int(value)
+    if size < 4:
+        raise argparse.ArgumentTypeError(f"a token list needs <blank>, <unk>, <sos/eos> and a token: >= 4, got {size}")
+    return size
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -100,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=Path("exp/one_bit_size"))
     p.add_argument("--config", type=Path, default=CONF / "train_asr_one_bit_cotrain.yaml")
     p.add_argument("--fp32_config", type=Path, default=CONF / "train_asr_conformer.yaml")
-    p.add_argument("--vocab", type=int, default=2000, help="token list size (the recipe's BPE 2000)")
+    p.add_argument("--vocab", type=vocab_size, default=2000, help="token list size (the recipe's BPE 2000)")
     p.add_argument("--ternary_packing", choices=("bits", "trits"), default="trits")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
