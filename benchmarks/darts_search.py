@@ -266,12 +266,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             p_value=None if sig is None else sig.p_value, stage1_cpu=records[f"{v.object}_stage1"].cpu_seconds,
             stage2_cpu=records[f"{v.name}_stage2"].cpu_seconds, finetune_cpu=records[f"{v.name}_finetune"].cpu_seconds,
             vs_control=vs_control.get(v.name, "no control"), vs_long=vs_long.get(v.name)))
+    base_record = records["baseline"]
+    if base_record.cpu_seconds is None:  # a reused training: its CPU time if it recorded one
+        base_record = dataclasses.replace(base_record, cpu_seconds=read_train_seconds(baseline.exp_dir)[2])
     base = {"params": base_row.num_params, "bytes": base_row.checkpoint_bytes, "wer": base_row.wer["test"].wer,
-            "train_cpu": records["baseline"].cpu_seconds, "train_seconds": records["baseline"].seconds,
-            "exp_dir": str(baseline.exp_dir), "control_wer": control_wer, "control_epochs": control_epochs,
-            "long_control_wer": long_wer}
-    if base["train_cpu"] is None:
-        base["train_cpu"] = read_train_seconds(baseline.exp_dir)[2]
+            "train_cpu": base_record.cpu_seconds, "train_seconds": base_record.seconds,
+            "train_time": base_record.time_text(), "exp_dir": str(baseline.exp_dir), "control_wer": control_wer,
+            "control_epochs": control_epochs, "long_control_wer": long_wer}
     report = _report(results, base, args, split, table.to_markdown())
     out_dir = exp_dir / "benchmarks"
     atomic_write_text(out_dir / f"{report_name}.md", report)
@@ -307,8 +308,6 @@ def _stage1_text(args: argparse.Namespace) -> str:
 def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Namespace, split, scoring: str) -> str:
     long_head = f" vs control as long ({args.long_control_epochs} epochs) |" if args.long_control_epochs else ""
     long_base = f" control {base['long_control_wer']} |" if long_head else ""
-    train_time = (fmt_seconds(base["train_cpu"]) if base["train_cpu"] is not None  # the main job keeps no CPU time
-                  else f"{fmt_seconds(base['train_seconds'])} s wall (train.log)")
     lines = [
         "## DARTS search over FFN widths and bottlenecks (benchmarks/darts_search.py)",
         "",
@@ -322,7 +321,7 @@ def _report(results: Sequence[Result], base: Dict[str, Any], args: argparse.Name
         f"MAPSSWE vs baseline | vs control |{long_head} CPU s stage 1 / stage 2 / fine-tune |",
         f"|---|---:|---|---:|---:|---:|---:|---|---|{'---|' if long_head else ''}---|",
         f"| fp32 baseline | | 4 x FFN 384 | {base['params']:,} | 1.00 | {base['bytes']:,} | {base['wer']:.2f}% | "
-        f"baseline | control {base['control_wer']} |{long_base} training {train_time} |",
+        f"baseline | control {base['control_wer']} |{long_base} training {base['train_time']} |",
     ]
     for r in results:
         ratio = base["params"] / r.params if r.params else float("nan")

@@ -378,15 +378,24 @@ class Row:
     twin_train_cpu_seconds: Optional[float]
 
 
-def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "valid.acc.best.pth") -> Optional[Path]:
+def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "valid.acc.best.pth",
+                  all_epochs: bool = False) -> Optional[Path]:
     """A finished fp32 baseline training (train_asr_conformer_tiny.yaml) with the requested epochs:
-    the main job's, or the one a benchmark trained (nested_supernet and foldable share it)."""
+    the main job's, or the one a benchmark trained (nested_supernet and foldable share it).
+    ``all_epochs``: only one that ran every epoch (a benchmark that turns early stopping off must not
+    reuse a baseline the stopping rule ended sooner)."""
+    from espnet_compress.pipeline.convergence import training_summary
+
     want = max_epoch if max_epoch is not None else _configured_epochs(BASELINE_CONFIG)
     for cand in (exp_dir / "asr_conformer", exp_dir / "benchmarks" / "nested_supernet" / "asr_conformer",
                  exp_dir / "benchmarks" / "foldable" / "asr_baseline4"):
         conf = cand / "config.yaml"
-        if training_finished(cand, model_name) and yaml.safe_load(conf.read_text()).get("max_epoch") == want:
-            return cand
+        if not training_finished(cand, model_name) or yaml.safe_load(conf.read_text()).get("max_epoch") != want:
+            continue
+        if all_epochs and training_summary(cand).epochs != want:
+            log.info("not reusing %s: it stopped early, this run trains every epoch", cand)
+            continue
+        return cand
     return None
 
 

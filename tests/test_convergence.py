@@ -65,3 +65,22 @@ def test_read_curve_plot_and_table(tmp_path):
     assert table.count("\n") == 2 + 8 and "| 6 |" in table
     with pytest.raises(FileNotFoundError, match="no checkpoint.pth or train.log"):
         read_curve(tmp_path / "missing")
+
+
+def test_benchmarks_reuse_an_early_stopped_baseline_only_under_the_same_rule(tmp_path):
+    """The fixture's run (cap 12, stopped at 8): a benchmark under the configs' stopping rule reuses
+    it; one that trains every epoch (``all_epochs``, the one-bit benchmark) must train its own."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from nested_supernet import find_baseline
+
+    exp = tmp_path / "asr_conformer"
+    exp.mkdir()
+    for name in ("train.log", "config.yaml"):
+        (exp / name).write_text((FIXTURE / name).read_text())
+    (exp / "valid.acc.best.pth").write_bytes(b"")
+    (exp / "train.done").write_text("")
+    assert find_baseline(tmp_path, 12) == exp
+    assert find_baseline(tmp_path, 12, all_epochs=True) is None
+    assert find_baseline(tmp_path, 8) is None  # asked for another cap

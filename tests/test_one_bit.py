@@ -281,6 +281,25 @@ def test_co_training_loss_is_the_authors_form(asr_task, tmp_path):
     assert conv.alphas["alpha_4bit"].grad is not None
 
 
+def test_system_loss_mean_divides_the_sum_by_the_systems_of_the_step(asr_task, tmp_path):
+    """The authors' mean of the three losses: the same step (same draws, same dropout) as the sum,
+    divided by 3, with every per-system stat unchanged; unknown reductions and a reduction without
+    systems are refused by name."""
+    runs = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        model = co_trained(asr_task, tmp_path, system_loss=reduction)
+        model.train()
+        runs[reduction] = model(**batch())[1]
+    for key in ("loss_bit2", "loss_bit1", "loss_mix", "kl_bit1", "kl_mix"):
+        torch.testing.assert_close(runs["mean"][key], runs["sum"][key], msg=key)
+    torch.testing.assert_close(runs["mean"]["loss"], runs["sum"]["loss"] / 3)
+    with pytest.raises(SystemSpecError, match=r"system_loss: 'max' unknown; allowed: \['sum', 'mean'\]"):
+        co_trained(asr_task, tmp_path, system_loss="max")
+    with pytest.raises(SystemSpecError, match="system_loss need model_conf.systems"):
+        build(asr_task, tmp_path, enc=ENC1, systems=None, system_loss="mean")
+
+
 def test_hybrid_kl_weights_ctc_and_attention_like_espnet_and_reduces_per_utterance(asr_task, tmp_path):
     model = co_trained(asr_task, tmp_path)
     g = torch.Generator().manual_seed(0)
@@ -462,3 +481,22 @@ def test_size_benchmark_exports_every_layout(tmp_path):
     assert rows["bit1_front4"]["file"] < rows["bit1"]["file"]
     assert set(rows["bit1"]["by_width"]) == {"1-bit", "4-bit", "fp32"}
     assert set(rows["bit2"]["by_width"]) == {"2-bit", "4-bit", "fp32"}
+
+
+def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path, capsys):
+    """``benchmarks/one_bit.py``: a warm start without the stage length, or training the ablation it
+    was told to skip, stops at parse time with the option named, before a corpus or a training exists."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import one_bit
+
+    exp = tmp_path / "exp"
+    for argv, needle in ((["--warm_start"], "--warm_start needs --max_epoch"),
+                         (["--skip_nostoch", "--train_only", "co", "nostoch"], "--train_only nostoch contradicts"),
+                         (["--train_only", "teacher"], "invalid choice: 'teacher'")):
+        with pytest.raises(SystemExit):
+            one_bit.main(["--exp_dir", str(exp), *argv])
+        assert needle in capsys.readouterr().err
+    assert not exp.exists()

@@ -243,11 +243,14 @@ def test_from_scratch_configs_share_the_baselines_training_settings(corpus):
 def test_swbd_one_bit_config_is_the_authors_setting(asr_task, token_list):
     """The authors' 12-block stochastic schedule (0.305 .. 0.905), 1-bit and 2-bit systems that differ
     only in the Conformer blocks' widths (the conv module stays 4-bit), and the header's "1.5-bit"
-    decode plan: blocks 0-5 at 1 bit, 6-11 at 2 bits."""
+    decode plan: blocks 0-5 at 1 bit, 6-11 at 2 bits; the loss weights and the mean over the three
+    systems of the authors' code."""
     import json
 
     config = REPO / "conf" / "swbd" / "train_asr_one_bit_cotrain.yaml"
     _, model = _build(asr_task, config, token_list, device="meta")
+    assert (model.system_loss, model.kl_weight, model.kl_target, model.kl_reduction) == ("mean", 1.0, "hybrid", "utterance")
+    assert {n: s.weight for n, s in model.systems.items() if n != model.largest} == {"bit1": 0.5, "mix": 0.5}
     probs = model.systems["mix"].stochastic.probs
     assert len(probs) == 12 and round(probs[0], 3) == 0.305 and round(probs[-1], 3) == 0.905
     match = re.search(r"ESPNET_COMPRESS_PLAN='(\{.*\})'", config.read_text())

@@ -51,6 +51,10 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
         kl_reduction: ``token`` (KL averaged over real tokens/frames, default) or ``utterance``
             (summed per utterance, averaged over the batch: the scale of ESPnet's CTC and attention
             losses with ``length_normalized_loss: false``, so ``kl_weight`` weighs like a system weight).
+        system_loss: ``sum`` (the all-in-one paper's ``L_largest + sum_i (...)``, default) or ``mean``
+            (that sum divided by the systems trained in the step: the one-bit ASR authors' code). Under
+            Adam the two differ only where the gradient is clipped: a mean keeps ESPnet's ``grad_clip``
+            per unit of one system's loss, a sum of n systems reaches the same clip n times sooner.
         sampling: which systems train in a step: ``all``; ``sandwich`` (largest + smallest +
             ``num_random_systems`` others); ``random`` (largest + ``num_random_systems`` others).
             Sampling trades the systems' own updates for cost: each step costs about one forward
@@ -69,7 +73,8 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
                  systems: Optional[Mapping[str, Any]] = None, largest: Optional[str] = None,
                  kl_weight: float = 0.1, kl_target: str = "decoder", sampling: str = "all",
                  num_random_systems: int = 1, sampling_seed: int = 0, decode_system: Optional[str] = None,
-                 share_computation: bool = True, kl_reduction: str = "token", **espnet_kwargs: Any) -> None:
+                 share_computation: bool = True, kl_reduction: str = "token", system_loss: str = "sum",
+                 **espnet_kwargs: Any) -> None:
         reject_unknown_options(type(self), espnet_kwargs, "model_conf")
         super().__init__(*args, **espnet_kwargs)
         self.decoder_quant = None
@@ -86,7 +91,7 @@ class CompressedASRModel(MultiSystemMixin, ESPnetASRModel):
             raise SystemSpecError(f"model_conf.share_computation must be true or false, got {share_computation!r}")
         self.share_computation = share_computation
         self._setup_systems(systems, largest, kl_weight, kl_target, sampling, num_random_systems,
-                            sampling_seed, decode_system, kl_reduction)
+                            sampling_seed, decode_system, kl_reduction, system_loss)
         if self.systems and search_feature(self.encoder) is not None:
             raise SystemSpecError("model_conf.systems cannot be combined with encoder_conf.search: the search "
                                   "trains one supernet; derive its architecture, then train systems of that")

@@ -37,15 +37,16 @@ class MultiSystemMixin:
 
     KL_TARGETS = ("decoder", "ctc", "both", "hybrid")
     KL_REDUCTIONS = ("token", "utterance")
+    SYSTEM_LOSSES = ("sum", "mean")
 
     def _setup_systems(self, systems: Optional[Mapping[str, Any]], largest: Optional[str], kl_weight: float,
                        kl_target: str, sampling: str, num_random: int, seed: int,
-                       decode_system: Optional[str], kl_reduction: str = "token") -> None:
+                       decode_system: Optional[str], kl_reduction: str = "token", system_loss: str = "sum") -> None:
         self.systems: Dict[str, SystemSpec] = {}
         self.active_system: Optional[str] = None
         if systems is None:
-            if largest or decode_system:
-                raise SystemSpecError("model_conf.largest/decode_system need model_conf.systems")
+            if largest or decode_system or system_loss != "sum":
+                raise SystemSpecError("model_conf.largest/decode_system/system_loss need model_conf.systems")
             env_system = settings().system
             if env_system:
                 raise SystemSpecError(f"ESPNET_COMPRESS_SYSTEM={env_system} is set but this model declares no "
@@ -61,6 +62,8 @@ class MultiSystemMixin:
             raise SystemSpecError(f"model_conf.kl_weight must be >= 0, got {kl_weight}")
         if kl_reduction not in self.KL_REDUCTIONS:
             raise SystemSpecError(f"model_conf.kl_reduction: '{kl_reduction}' unknown; allowed: {list(self.KL_REDUCTIONS)}")
+        if system_loss not in self.SYSTEM_LOSSES:
+            raise SystemSpecError(f"model_conf.system_loss: '{system_loss}' unknown; allowed: {list(self.SYSTEM_LOSSES)}")
         uses_decoder = self.decoder is not None and self.ctc_weight < 1.0
         if kl_target in ("decoder", "both", "hybrid") and not uses_decoder:
             raise SystemSpecError(f"model_conf.kl_target '{kl_target}' needs the attention decoder, but this model is "
@@ -68,6 +71,7 @@ class MultiSystemMixin:
         if kl_target in ("ctc", "both", "hybrid") and self.ctc_weight == 0.0:
             raise SystemSpecError(f"model_conf.kl_target '{kl_target}' needs CTC, but ctc_weight is 0; use kl_target: decoder")
         self.kl_weight, self.kl_target, self.kl_reduction = float(kl_weight), kl_target, kl_reduction
+        self.system_loss = system_loss
         self.sampling_seed = seed
         costs = {n: self.encoder.executed_weight_bits(s.plan) for n, s in self.systems.items()}
         smallest = min(costs, key=costs.get)
@@ -279,6 +283,8 @@ class MultiSystemMixin:
                 kl = self._kl(teacher, captured, text_lengths)
                 total = total + self.systems[name].weight * loss + self.kl_weight * kl
                 stats[f"kl_{name}"] = kl.detach()
+        if self.system_loss == "mean":
+            total = total / len(names)
         self.last_step_sharing = (memo.hits, memo.misses)
         self._captured = {}  # holds graph tensors: only the step itself needs them (and a copy of the model fails on them)
         accs = [stats[f"acc_{n}"] for n in names]
