@@ -206,12 +206,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "from the 2-bit-alone model of the plain run and the fp32 model from its fp32 model, each "
                         "trained --max_epoch more epochs with a fresh schedule (asr_train --init_param), so every "
                         "model has had the same epochs and the co-trained 2-bit teacher starts out trained")
+    p.add_argument("--co_model_conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="model_conf override of the co-trained models only, repeatable (e.g. kl_weight=0.0; "
+                        "a --train_arg would reach the fp32 and single-precision models too, which lack it)")
     p.add_argument("--train_only", nargs="+", choices=TRAININGS, default=None,
                    help="train just these models (and what they start from), then stop: run one process per "
                         "model on the same --exp_dir to use several cores, then once more without this option")
     args = p.parse_args(argv)
     if args.warm_start and args.max_epoch is None:
         p.error("--warm_start needs --max_epoch (the epochs of each stage)")
+    bad = [kv for kv in args.co_model_conf if "=" not in kv or not kv.split("=", 1)[0].strip()]
+    if bad:
+        p.error(f"--co_model_conf {bad}: expected KEY=VALUE")
     if args.train_only and args.skip_nostoch and "nostoch" in args.train_only:
         p.error("--train_only nostoch contradicts --skip_nostoch")
     # Every model trains exactly the same epochs (the issue's comparison), so the configs' dev-loss
@@ -233,13 +239,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     template = prepare_corpus(args)
 
-    def experiment(tag: str, config: Path, root: Path = bench, init: Optional[AsrExperiment] = None) -> AsrExperiment:
+    co_args = [a for kv in args.co_model_conf for a in ("--model_conf", kv)]
+
+    def experiment(tag: str, config: Path, root: Path = bench, init: Optional[AsrExperiment] = None,
+                   extra: Sequence[str] = ()) -> AsrExperiment:
         # ignore_init_mismatch: the 2-bit model has no 1-bit alpha (it keeps its initial value, as in a
         # co-trained model) and a 1-bit model no 2-bit one; ESPnet's strict load would refuse both
         init_args = [] if init is None else ["--init_param", str(init.exp_dir / init.inference_model),
                                              "--ignore_init_mismatch", "true"]
         return dataclasses.replace(template, exp_dir=root / f"asr_{tag}", train_config=config.resolve(),
-                                   train_args=train_args + init_args)
+                                   train_args=train_args + init_args + list(extra))
 
     # ---- training (same epochs for all but the optional QAT fine-tunes, which keep their schedule)
     records: Dict[str, TrainRecord] = {}
@@ -256,10 +265,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "fp32": (baseline, args.max_epoch),
         "alone_2bit": (experiment("alone_2bit", ALONE[2], init=low_init), args.max_epoch),
         "alone_1bit": (experiment("alone_1bit", ALONE[1], init=low_init), args.max_epoch),
-        "co": (experiment("cotrain", COTRAIN, init=low_init), args.max_epoch),
+        "co": (experiment("cotrain", COTRAIN, init=low_init, extra=co_args), args.max_epoch),
     }
     if not args.skip_nostoch:
-        jobs["nostoch"] = (experiment("cotrain_nostoch", COTRAIN_NOSTOCH, init=low_init), args.max_epoch)
+        jobs["nostoch"] = (experiment("cotrain_nostoch", COTRAIN_NOSTOCH, init=low_init, extra=co_args), args.max_epoch)
     if args.train_only:
         jobs = {k: v for k, v in jobs.items() if k in args.train_only}
     for name, (exp, epochs) in tqdm(list(jobs.items()), desc="train", unit="model"):
@@ -344,7 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "significantly_better": bool(sig is not None and sig.significant and sig.better == "system")})
 
     report = {
-        "max_epoch": args.max_epoch, "warm_start": args.warm_start, "ternary_packing": args.ternary_packing,
+        "max_epoch": args.max_epoch, "warm_start": args.warm_start, "co_model_conf": args.co_model_conf,
+        "train_args": args.train_args, "ternary_packing": args.ternary_packing,
         "fp32_encoder_bytes": fp32_enc, "fp32_block_bytes": fp32_blk,
         "models": [dict(dataclasses.asdict(m), decode_dir=str(m.decode_dir), file=str(m.file)) for m in models],
         "pairwise": pairwise, "vs_fp32": vs_fp32.to_dict(),
@@ -423,7 +433,8 @@ def _markdown(models: Sequence[Model], pairwise: Sequence[Dict[str, Any]], recor
         f"(ternary as {args.ternary_packing}); encoder/block bytes are the payload of their tensors (codes, scales, "
         f"fp32 tensors), file bytes the whole file. Co-trained systems are decoded from their one checkpoint "
         f"(ESPNET_COMPRESS_SYSTEM; the 1.5-bit mix via ESPNET_COMPRESS_PLAN, first half of the blocks 1-bit) and "
-        f"exported with export_system. Training time: {times}.",
+        f"exported with export_system. Extra asr_train arguments: {args.train_args or 'none'}; co-trained "
+        f"models' model_conf overrides: {args.co_model_conf or 'none'}. Training time: {times}.",
     ]
     if drift:
         lines += ["", f"WARNING: configs differ from the baseline outside encoder/model: {dict(drift)}"]

@@ -484,8 +484,9 @@ def test_size_benchmark_exports_every_layout(tmp_path):
 
 
 def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path, capsys):
-    """``benchmarks/one_bit.py``: a warm start without the stage length, or training the ablation it
-    was told to skip, stops at parse time with the option named, before a corpus or a training exists."""
+    """``benchmarks/one_bit.py``: a warm start without the stage length, training the ablation it was
+    told to skip, or a model_conf override without a value stops at parse time with the option named,
+    before a corpus or a training exists."""
     import sys
     from pathlib import Path
 
@@ -495,7 +496,8 @@ def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path
     exp = tmp_path / "exp"
     for argv, needle in ((["--warm_start"], "--warm_start needs --max_epoch"),
                          (["--skip_nostoch", "--train_only", "co", "nostoch"], "--train_only nostoch contradicts"),
-                         (["--train_only", "teacher"], "invalid choice: 'teacher'")):
+                         (["--train_only", "teacher"], "invalid choice: 'teacher'"),
+                         (["--co_model_conf", "kl_weight"], "--co_model_conf ['kl_weight']: expected KEY=VALUE")):
         with pytest.raises(SystemExit):
             one_bit.main(["--exp_dir", str(exp), *argv])
         assert needle in capsys.readouterr().err
