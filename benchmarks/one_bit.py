@@ -366,7 +366,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(text)
     atomic_write_text(out / f"{report_name}.md", text)
     atomic_write_text(out / f"{report_name}.json", json.dumps(report, indent=2, default=str) + "\n")
-    _plot(models, out / f"{report_name}_wer_vs_bytes.png")
+    trained = (f"{args.max_epoch} + {args.max_epoch} epochs, warm start" if args.warm_start
+               else f"{args.max_epoch or 'configs default'} epochs")
+    _plot(models, out / f"{report_name}_wer_vs_bytes.png", trained)
     return 0
 
 
@@ -441,8 +443,10 @@ def _markdown(models: Sequence[Model], pairwise: Sequence[Dict[str, Any]], recor
     return "\n".join(lines) + "\n"
 
 
-def _plot(models: Sequence[Model], path: Path) -> None:
+def _plot(models: Sequence[Model], path: Path, trained: str) -> None:
     plt = plot_setup()
+    from matplotlib.ticker import FuncFormatter
+
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     markers = {"fp32": "*", "QAT fine-tune": "D", "alone": "s", "co-trained": "o", "co-trained, no stochastic": "^"}
     for i, group in enumerate(markers):
@@ -455,8 +459,11 @@ def _plot(models: Sequence[Model], path: Path) -> None:
             ax.annotate(f"{m.bits:g}", (m.file_bytes / 1e6, m.wer), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # "2", not matplotlib's "2 x 10^0" minor labels
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     save_plot(fig, ax, path, "packed file size (MB, log scale; labels: encoder bits)", "WER (%)",
-              "spoken_commands test: WER vs bytes, 32/8/4/2/1.5/1 bits")
+              f"spoken_commands test: WER vs bytes ({trained})")
 
 
 if __name__ == "__main__":
