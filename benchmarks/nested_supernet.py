@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from espnet_compress.env import DECODE_ONLY  # noqa: E402
+from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
 from espnet_compress.pipeline.data import SYNTHETIC_DATA, resolve_corpus  # noqa: E402
 from espnet_compress.pipeline.stages import (  # noqa: E402
     AsrExperiment,
@@ -384,8 +385,6 @@ def find_baseline(exp_dir: Path, max_epoch: Optional[int], model_name: str = "va
     the main job's, or the one a benchmark trained (nested_supernet and foldable share it).
     ``all_epochs``: only one that ran every epoch (a benchmark that turns early stopping off must not
     reuse a baseline the stopping rule ended sooner)."""
-    from espnet_compress.pipeline.convergence import training_summary
-
     want = max_epoch if max_epoch is not None else _configured_epochs(BASELINE_CONFIG)
     for cand in (exp_dir / "asr_conformer", exp_dir / "benchmarks" / "nested_supernet" / "asr_conformer",
                  exp_dir / "benchmarks" / "foldable" / "asr_baseline4"):

@@ -78,6 +78,7 @@ from nested_supernet import (  # noqa: E402
 from quantization import _qat_experiment  # noqa: E402
 
 from espnet_compress.env import PLAN, SYSTEM  # noqa: E402
+from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
 from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
 from espnet_compress.utils.io import atomic_write_text  # noqa: E402
@@ -419,8 +420,6 @@ def _markdown(models: Sequence[Model], pairwise: Sequence[Dict[str, Any]], recor
                      f"{fp32.block_bytes / co1m.block_bytes:.1f}x for its Conformer blocks; the Conv2d subsampling, "
                      f"biases and norms stay fp32); whole file with the 4-bit decoder "
                      f"{fp32.file_bytes / co1m.file_bytes:.1f}x.")
-    from espnet_compress.pipeline.convergence import training_summary
-
     times = ", ".join(f"{k}: {training_summary(r.exp_dir).describe()}, {fmt_seconds(r.seconds)} s wall / "
                       f"{fmt_seconds(r.cpu_seconds)} s CPU ({r.source})" for k, r in records.items())
     epochs = "configs default" if args.max_epoch is None else str(args.max_epoch)
