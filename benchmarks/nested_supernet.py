@@ -321,6 +321,13 @@ def build_params(config: Path, model_file: Optional[Path] = None) -> int:
     return count_parameters(model)
 
 
+def save_report(out: Path, stem: str, lines: Sequence[str], data: Any) -> None:
+    """Write ``<out>/<stem>.md`` (the table lines) and ``<stem>.json`` atomically, and print the table."""
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(data, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 def fmt_seconds(s: Optional[float]) -> str:
     return "n/a" if s is None else f"{s:.0f}"
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -46,13 +45,13 @@ from nested_supernet import (  # noqa: E402
     add_common_args,
     begin,
     prepare_corpus,
+    save_report,
     tagged,
     timed_train,
 )
 
 from espnet_compress.core.norm_stats import SLOT_CONTAINER  # noqa: E402
 from espnet_compress.scoring.compare import SystemSpec, compare, verdict_text  # noqa: E402
-from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("norm_stats")
 FOLDABLE_CONFIG = REPO / "conf" / "spoken_commands" / "train_asr_foldable_conformer_tiny.yaml"
@@ -129,9 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"| {r['verdict']} |")
     out = exp_dir / "benchmarks"
     stem = "norm_stats" + "".join(f"_{m}" for m in args.models)
-    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
-    print("\n".join(lines))
+    save_report(out, stem, lines, rows)
     return 0
 
 

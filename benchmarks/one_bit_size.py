@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from nested_supernet import save_report  # noqa: E402
 from one_bit import blocks_prefix, export_co_trained, fp32_sizes, mix_plan, packed_sizes  # noqa: E402
 
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -147,9 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         widths = ", ".join(f"{k} {v:,}" for k, v in r["by_width"].items())
         lines.append(f"| {r['system']} | {r['blocks']:,} | {base['blocks'] / r['blocks']:.1f} | {r['encoder']:,} | "
                      f"{base['encoder'] / r['encoder']:.1f} | {r['file']:,} | {base['file'] / r['file']:.1f} | {widths} |")
-    atomic_write_text(out / "one_bit_size.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "one_bit_size.json", json.dumps(rows, indent=2) + "\n")
-    print("\n".join(lines))
+    save_report(out, "one_bit_size", lines, rows)
     return 0
 
 

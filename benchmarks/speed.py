@@ -3,7 +3,13 @@
 Random weights (speed does not depend on them); batch 1; several utterance lengths. For every
 configuration, in its own subprocess (so peak RSS after load is that configuration's alone):
 
-* ``fp32``: the float model;
+* ``fp32``: the float model (ESPnet's own Conformer);
+* ``fp32_float_paths``: the same float model with everything a packed model's load does that is
+  not quantization: the two float paths its ``auto`` picks (front end's first convolution as an
+  im2col GEMM, depthwise convolutions as shift-adds; ``espnet_compress.quant.inference``) and the
+  decoder's per-utterance key/value cache of the source attention
+  (``espnet_compress.models.memory_cache``): the control for the share of a packed model's speed-up
+  that is not quantization;
 * ``torch_dynamic_int8``: every Linear through PyTorch's dynamic int8 (what ESPnet's
   ``asr_inference --quantize_asr_model true`` does; fp weights re-quantized at load);
 * ``packed<n>_<kernel>``: a QAT model (front end, encoder, decoder, embedding, output layer and
@@ -17,9 +23,13 @@ of ``--tokens_per_second`` tokens per second of audio (incremental decoder with 
 step; a beam multiplies the decoder part by about the beam size). Each time is the minimum of
 ``--repeats`` runs after a warm-up (the least disturbed by other processes on a shared machine).
 
+``--isa avx2`` caps every library's instruction set at AVX2 (fbgemm, oneDNN, MKL, ATen dispatch;
+``ISA_CAPS``) in the timed processes: what a CPU without AVX-512 and VNNI would see, emulated on
+this one (same clock and caches), for the speed-ups' dependence on VNNI.
+
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --out exp/speed [--seconds 2 5 10]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --out exp/speed [--seconds 2 5 10] [--isa avx2]
 
 Prints the table and writes ``<out>/speed.{md,json}`` and ``<out>/speed.png``.
 """
@@ -45,6 +55,7 @@ FRAMES_PER_SECOND = 100  # 10 ms hop
 #: name -> (model options, packed bits (0 = float), kernel or "torch_dynamic")
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "fp32": {},
+    "fp32_float_paths": {"float_paths": True},
     "torch_dynamic_int8": {"torch_dynamic": True},
     "packed8_dequant": {"bits": 8, "kernel": "dequant"},
     "packed8_qdyn": {"bits": 8, "kernel": "qdyn"},
@@ -58,6 +69,14 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "nested_ffn512": {"linear_units": 512},
     "nested_ffn512_packed8": {"linear_units": 512, "bits": 8, "kernel": "auto"},
     "nested_6blocks_ffn512_packed8": {"num_blocks": 6, "linear_units": 512, "bits": 8, "kernel": "auto"},
+}
+
+
+#: --isa -> environment of the timed processes (each library reads its own variable)
+ISA_CAPS: Dict[str, Dict[str, str]] = {
+    "native": {},
+    "avx2": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
 }
 
 
@@ -97,6 +116,28 @@ def build(spec: Mapping[str, Any]):
         encoder=encoder, postencoder=None, decoder=TransformerDecoder(VOCAB, d, **dec_conf), ctc=CTC(VOCAB, d),
         joint_network=None, decoder_quant=dict(quant, embedding=True, ctc=True) if quant else None,
         **conf["model_conf"]).eval()
+
+
+def with_float_paths(model):
+    """Swap the stock layers a packed model's ``auto`` moves to float paths (one-channel Conv2d ->
+    im2col GEMM, depthwise Conv1d -> shift-adds), with their own fp32 weights, and cache the source
+    attention's keys and values as a packed model's load does."""
+    import torch
+
+    from espnet_compress.models.memory_cache import cache_source_attention
+    from espnet_compress.quant.inference import Im2colConv2d, ShiftAddDepthwiseConv1d
+
+    cache_source_attention(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 1:
+            new = Im2colConv2d(module.weight, module.bias, module.stride, module.padding)
+        elif isinstance(module, torch.nn.Conv1d) and module.groups == module.in_channels > 1:
+            new = ShiftAddDepthwiseConv1d(module.weight, module.bias, module.padding[0])
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model
 
 
 def _rss_mb() -> float:
@@ -157,6 +198,8 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
         file_bytes = path.stat().st_size
         model.load_state_dict(torch.load(path, weights_only=True))
         path.unlink()
+        if spec.get("float_paths"):
+            model = with_float_paths(model)
         if spec.get("torch_dynamic"):
             from espnet2.bin.asr_inference import Speech2Text  # noqa: F401  (ESPnet's own quantize path)
 
@@ -166,7 +209,9 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
 
     gc.collect()
     rss = _rss_mb()
-    out: Dict[str, Any] = {"name": name, "file_bytes": file_bytes, "peak_rss_mb_after_load": rss,
+    from espnet_compress.quant.inference import cpu_features
+
+    out: Dict[str, Any] = {"name": name, "cpu": cpu_features(), "file_bytes": file_bytes, "peak_rss_mb_after_load": rss,
                            "rss_mb_after_load": _current_rss_mb(),
                            "rss_before_load_mb": rss_before, "paths": paths, "encoder_s": {}, "decode_s": {}}
     for sec in seconds:
@@ -191,9 +236,11 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
     return out
 
 
-def _table(results: List[Dict[str, Any]], seconds: List[float], cpu: str) -> str:
+def _table(results: List[Dict[str, Any]], seconds: List[float], isa: str) -> str:
     base = next(r for r in results if r["name"] == "fp32")
-    lines = [f"# Speed at the LibriSpeech-100 Conformer size (one thread, batch 1)", "", f"CPU: {cpu}", "",
+    cap = "" if not ISA_CAPS[isa] else " (capped: " + ", ".join(f"{k}={v}" for k, v in ISA_CAPS[isa].items()) + ")"
+    lines = [f"# Speed at the LibriSpeech-100 Conformer size (one thread, batch 1)", "",
+             f"CPU: {base['cpu']}; instruction set {isa}{cap}", "",
              "Speed-up = fp32 time / config time, measured side by side in this run (min of repeats). "
              "Peak RSS: high-water mark after load (ESPnet builds the float model, then loads the "
              "file into it); now: resident after load and freeze.", "",
@@ -237,6 +284,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens_per_second", type=float, default=3.0)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--isa", choices=list(ISA_CAPS), default="native",
+                        help="instruction-set cap of the timed processes (see ISA_CAPS)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pack", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,11 +298,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     from tqdm import tqdm
 
-    from espnet_compress.quant.inference import cpu_features
     from espnet_compress.utils.io import atomic_write_text
 
     names = ["fp32", *[c for c in args.configs if c != "fp32"]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **ISA_CAPS[args.isa])
     results = []
     for name in tqdm(names, desc="configs"):
         if CONFIGS[name].get("bits"):
@@ -268,9 +316,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise RuntimeError(f"config {name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     load1 = os.getloadavg()[0]
-    md = _table(results, args.seconds, cpu_features()) + f"\nLoad average (1 min) at the end: {load1:.2f} on {os.cpu_count()} cores.\n"
+    md = _table(results, args.seconds, args.isa) + f"\nLoad average (1 min) at the end: {load1:.2f} on {os.cpu_count()} cores.\n"
     atomic_write_text(args.out / "speed.md", md)
-    atomic_write_text(args.out / "speed.json", json.dumps({"cpu": cpu_features(), "results": results}, indent=2) + "\n")
+    atomic_write_text(args.out / "speed.json", json.dumps({"isa": args.isa, "caps": ISA_CAPS[args.isa], "results": results}, indent=2) + "\n")
     _plot(results, args.seconds, args.out / "speed.png")
     print(md)
 

@@ -28,7 +28,7 @@ NO_HOOK = "ESPNET_COMPRESS_NO_HOOK"
 VARIABLES: Dict[str, str] = {
     SYSTEM: "system of a multi-system model that decoding runs (overrides model_conf.decode_system)",
     PLAN: "execution plan (JSON) that decoding runs instead of the configured one",
-    KERNEL: "CPU path of packed quantized layers: auto | dequant | int8 | int4 | qdyn (quant/inference.py KERNELS)",
+    KERNEL: "CPU path of packed quantized layers (one of quant/inference.py KERNELS)",
     NO_HOOK: "1 = do not register into ESPnet at interpreter start (call espnet_compress.register())",
 }
 DECODE_ONLY = (SYSTEM, PLAN)

@@ -3,6 +3,7 @@ the int8 x int8 dynamic-activation kernel against the dequantized path, kernel f
 report's tensor groups, and older packed format versions."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from typing import Any, Dict, Optional
@@ -135,6 +136,122 @@ def test_each_kernel_against_the_dequantized_path(kernel, per_channel, bits):
         torch.testing.assert_close(out, reference, atol=1e-5 if chosen["0"] == "dequant" else 1e-4, rtol=0)
 
 
+def _conv(layer: torch.nn.Module, bits: int, per_channel: bool = True) -> torch.nn.Module:
+    conf = QuantConfig.from_config({"bits": bits, "per_channel": per_channel})
+    attach_quantizer(layer, conf.make_quantizer()).set_bits(bits)
+    return layer.eval()
+
+
+CONV_CASES = {
+    "front-end 3x3 stride 2": (lambda: torch.nn.Conv2d(16, 24, 3, stride=2), (2, 16, 21, 13)),
+    "3x3 padded": (lambda: torch.nn.Conv2d(16, 24, 3, padding=1), (1, 16, 9, 7)),
+    "asymmetric 3x2 stride (2, 1)": (lambda: torch.nn.Conv2d(8, 12, (3, 2), stride=(2, 1), padding=(1, 0)), (1, 8, 11, 6)),
+    "pointwise 1x1 conv1d": (lambda: torch.nn.Conv1d(16, 32, 1), (2, 16, 30)),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_qdyn_convolutions_against_the_dequantized_path(case, per_channel, bits, monkeypatch):
+    """The convolutions on the int8 GEMM: the same bound as a Linear layer (each output off by at
+    most ``s_x / 2 * sum |W|`` over its receptive field), with ``s_x`` the whole input's step; the
+    Conv2d quantizes each block of output rows with its own scale, never coarser than the whole
+    input's. Blocks of one output row here, so every block boundary is exercised."""
+    import espnet_compress.quant.inference as inference
+
+    monkeypatch.setattr(inference, "CONV2D_BLOCK_ROWS", 1)
+    make, shape = CONV_CASES[case]
+    torch.manual_seed(0)
+    layer = _conv(make(), bits, per_channel)
+    codes, scale = layer.weight_quantizer.encode(layer.weight, bits)
+    w = layer.weight_quantizer.decode(codes, scale, layer.weight)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    reference = layer._conv_forward(x, w, layer.bias)
+    frozen = torch.nn.Sequential(layer)
+    assert freeze_for_inference(frozen, "qdyn") == {"0": "qdyn"}
+    with torch.no_grad():
+        out = frozen(x)
+    assert out.shape == reference.shape and torch.equal(frozen[0].codes, codes)
+    torch.testing.assert_close(frozen[0].effective_weight(), w, atol=0, rtol=0)
+    levels = 127 if bits == 8 else 255
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / levels
+    per_output = w.abs().flatten(1).sum(dim=1)
+    bound = (step / 2 * per_output + 1e-4).view(1, -1, *([1] * (x.dim() - 2)))
+    assert ((out - reference).abs() <= bound).all()
+    assert (out - reference).abs().max() > 0  # activations really are quantized
+
+
+def test_qdyn_conv2d_output_is_channels_last_and_feeds_the_next_conv2d():
+    """ESPnet's ``conv2d`` input layer: conv, ReLU, conv, ReLU. The first GEMM convolution's output
+    is NCHW in shape and channels-last in memory, so the second reads it without reordering."""
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(_conv(torch.nn.Conv2d(4, 16, 3, stride=2), 8), torch.nn.ReLU(),
+                                _conv(torch.nn.Conv2d(16, 16, 3, stride=2), 8), torch.nn.ReLU())
+    x = torch.randn(1, 4, 33, 21, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = stack(x)
+    freeze_for_inference(stack, "qdyn")
+    with torch.no_grad():
+        first = stack[1](stack[0](x))
+        out = stack(x)
+    assert first.is_contiguous(memory_format=torch.channels_last) and first.shape == (1, 16, 16, 10)
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out, reference, atol=0.05 * float(reference.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if "conv1d" not in c] + ["one input channel"])
+def test_im2col_conv2d_equals_torch(case, monkeypatch):
+    """``im2col`` is fp32 arithmetic on the dequantized weight (a BLAS GEMM over patches): equal to
+    torch's convolution up to summation order, across block boundaries (one output row per block)."""
+    import espnet_compress.quant.inference as inference
+
+    monkeypatch.setattr(inference, "CONV2D_BLOCK_ROWS", 1)
+    make, shape = CONV_CASES[case] if case in CONV_CASES else (lambda: torch.nn.Conv2d(1, 16, 3, stride=2), (2, 1, 17, 12))
+    torch.manual_seed(0)
+    layer = _conv(make(), 4)
+    codes, scale = layer.weight_quantizer.encode(layer.weight, 4)
+    reference = layer._conv_forward(x := torch.randn(*shape, generator=torch.Generator().manual_seed(1)),
+                                    layer.weight_quantizer.decode(codes, scale, layer.weight), layer.bias)
+    frozen = torch.nn.Sequential(layer)
+    assert freeze_for_inference(frozen, "im2col") == {"0": "im2col"}
+    with torch.no_grad():
+        out = frozen(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kernel_size", [1, 7, 31])
+def test_shiftadd_depthwise_conv_equals_torch(kernel_size, bias):
+    """``shiftadd`` is fp32 arithmetic on the dequantized weight: equal to torch's depthwise
+    convolution up to summation order, for the convolution module's 'same' padding."""
+    torch.manual_seed(0)
+    channels = 12
+    layer = _conv(torch.nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2,
+                                  groups=channels, bias=bias), 4)
+    codes, scale = layer.weight_quantizer.encode(layer.weight, 4)
+    w = layer.weight_quantizer.decode(codes, scale, layer.weight)
+    # (batch, time, channels) transposed: not contiguous, as after a pointwise convolution on the GEMM
+    x = torch.randn(3, 40, channels, generator=torch.Generator().manual_seed(1)).transpose(1, 2)
+    reference = layer._conv_forward(x, w, layer.bias)
+    frozen = torch.nn.Sequential(layer)
+    assert freeze_for_inference(frozen, "shiftadd") == {"0": "shiftadd"}
+    with torch.no_grad():
+        out = frozen(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+def test_a_kernel_that_does_not_serve_a_layer_kind_leaves_it_to_auto_silently(caplog):
+    """Forcing ``shiftadd`` (depthwise convolutions only) does not warn for every Linear layer, and
+    forcing ``qdyn`` leaves a grouped convolution to ``auto``; a strict run does not raise for them."""
+    layers = torch.nn.Sequential(_linear(4, True), _conv(torch.nn.Conv1d(8, 8, 3, padding=1, groups=2), 4))
+    with caplog.at_level(logging.WARNING, logger="espnet_compress.quant.inference"):
+        assert freeze_for_inference(copy.deepcopy(layers), "shiftadd", strict=True)["1"] == "dequant"
+        assert freeze_for_inference(copy.deepcopy(layers), "qdyn", strict=True)["1"] == "dequant"
+    assert "unavailable" not in caplog.text
+
+
 @pytest.mark.parametrize("kernel", ["dequant", "int8", "int4", "qdyn"])
 def test_every_kernel_serves_a_narrowed_elastic_layer_exactly(kernel):
     """An elastic FFN run narrower than it is stored computes with a slice of the layer's weight and
@@ -184,3 +301,76 @@ def test_older_format_version_loads_and_unknown_is_refused_by_name():
 
     with pytest.raises(PackedModelError, match=r"v0.pth: packed format version 0 is not supported .*reads versions \[1, 2"):
         unpack_state_dict(state, "v0.pth")
+
+
+# ------------------------------------------------------------------ source-attention cache
+def _decoder(seed: int = 0) -> TransformerDecoder:
+    torch.manual_seed(seed)
+    return TransformerDecoder(VOCAB, 32, attention_heads=4, linear_units=48, num_blocks=2, dropout_rate=0.0,
+                              positional_dropout_rate=0.0, self_attention_dropout_rate=0.0,
+                              src_attention_dropout_rate=0.0).eval()
+
+
+def _greedy_steps(decoder: TransformerDecoder, memory: torch.Tensor, beams: int, steps: int = 4) -> torch.Tensor:
+    """Incremental decoding as ESPnet's batch beam search calls it: the utterance's encoder output
+    expanded over the beams (a zero-stride view), one token per step with the layer cache."""
+    ys = torch.full((beams, 1), VOCAB - 1, dtype=torch.long)
+    cache, outs = None, []
+    for _ in range(steps):
+        mask = torch.ones(1, ys.size(1), ys.size(1), dtype=torch.bool).tril()
+        logp, cache = decoder.forward_one_step(ys, mask, memory.expand(beams, -1, -1), cache=cache)
+        outs.append(logp)
+        ys = torch.cat([ys, logp.argmax(-1, keepdim=True)], dim=1)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_source_attention_cache_is_bit_identical_and_follows_the_utterance(beams):
+    """The cached keys/values are the same layers on the same input, computed once: outputs equal
+    bit for bit with one hypothesis; with beams the projection runs on one row instead of one per
+    beam (BLAS blocking differs: float rounding, 1e-6 on log-probabilities of size ~3). A second
+    utterance (same shape) must not reuse the first one's projections, nor an in-place change of
+    the encoder output."""
+    from espnet_compress.models.memory_cache import CachedSourceAttention, cache_source_attention
+
+    plain, cached = _decoder(), _decoder()
+    assert cache_source_attention(cached) == 2
+    assert all(type(layer.src_attn) is CachedSourceAttention for layer in cached.decoders)
+    g = torch.Generator().manual_seed(4)
+    first, second = torch.randn(1, 9, 32, generator=g), torch.randn(1, 9, 32, generator=g)
+    atol = 0.0 if beams == 1 else 1e-6
+    with torch.no_grad():
+        for memory in (first, second, first):
+            torch.testing.assert_close(_greedy_steps(cached, memory, beams), _greedy_steps(plain, memory, beams),
+                                       atol=atol, rtol=0)
+        first.mul_(-1)  # same tensor, new values: the version counter invalidates the entry
+        torch.testing.assert_close(_greedy_steps(cached, first, beams), _greedy_steps(plain, first, beams),
+                                   atol=atol, rtol=0)
+    with torch.inference_mode():  # how asr_inference runs: tensors without version counters
+        third = torch.randn(1, 9, 32, generator=g)
+        for memory in (third, second):
+            torch.testing.assert_close(_greedy_steps(cached, memory, beams), _greedy_steps(plain, memory, beams),
+                                       atol=atol, rtol=0)
+    assert cached.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_source_attention_cache_stays_out_of_training_and_autograd():
+    from espnet_compress.models.memory_cache import cache_source_attention
+
+    decoder = _decoder()
+    cache_source_attention(decoder)
+    memory = torch.randn(1, 9, 32, requires_grad=True)
+    _greedy_steps(decoder, memory, beams=1, steps=2).sum().backward()
+    assert memory.grad is not None and memory.grad.abs().sum() > 0
+    assert all(getattr(layer.src_attn, "_source_cache", None) is None for layer in decoder.decoders)
+
+
+def test_packed_load_caches_the_decoders_source_attention(tmp_path, monkeypatch):
+    from espnet_compress.models.memory_cache import CachedSourceAttention
+    from espnet_compress.quant.packed import save_packed
+
+    monkeypatch.setenv("ESPNET_COMPRESS_KERNEL", "dequant")
+    save_packed(_model(), tmp_path / "m.pth")
+    fresh = _model(seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=False)
+    assert all(type(layer.src_attn) is CachedSourceAttention for layer in fresh.decoder.decoders)

@@ -34,6 +34,7 @@ import torch
 from espnet_compress.env import settings
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import check_packing, nbytes, pack, unpack
+from espnet_compress.models.memory_cache import cache_source_attention
 from espnet_compress.quant.inference import freeze_for_inference
 from espnet_compress.quant.quantizers import SUPPORTED_BITS, BitPlaneQuantizer, WeightQuantizer
 from espnet_compress.utils.io import atomic_write_bytes
@@ -478,5 +479,7 @@ class PackedLoading:
             return
         encodings = {k: (codes, scale) for k, (codes, scale, _) in self.pending.encodings.items()}
         self.model.inference_paths = freeze_for_inference(self.model, settings().kernel, encodings)
+        cached = cache_source_attention(self.model)
         self.pending = None
-        log.info("loaded packed checkpoint; quantized layers frozen for inference")
+        log.info("loaded packed checkpoint; quantized layers frozen for inference; %d source attentions cache "
+                 "their keys and values per utterance", cached)
