@@ -34,6 +34,18 @@ VARIABLES: Dict[str, str] = {
 DECODE_ONLY = (SYSTEM, PLAN)
 
 
+#: other libraries' variables that cap the instruction set their CPU kernels use (fbgemm's int8
+#: GEMM, oneDNN's convolutions, MKL's BLAS, ATen's dispatch); read here only to report them next to
+#: the CPU's features when kernels are chosen, since they change which kernel is fastest
+ISA_CAP_VARIABLES = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                     "ATEN_CPU_CAPABILITY")
+
+
+def isa_caps() -> Dict[str, str]:
+    """The ``ISA_CAP_VARIABLES`` that are set, with their values."""
+    return {name: os.environ[name] for name in ISA_CAP_VARIABLES if os.environ.get(name)}
+
+
 class EnvVarError(ValueError):
     """An environment variable with a value espnet_compress cannot use; the message names it."""
 

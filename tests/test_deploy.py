@@ -280,6 +280,16 @@ def test_forced_unavailable_kernel_names_reason_and_fallback(caplog):
         freeze_for_inference(torch.nn.Sequential(_linear(8, True, shape=(48, 40))), "int4", strict=True)
 
 
+def test_cpu_features_name_a_librarys_instruction_set_cap(monkeypatch):
+    """A cap such as fbgemm's changes which kernel is fastest, so the line ``auto`` logs shows it."""
+    cpu_features.cache_clear()
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    try:
+        assert "capped by FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in cpu_features()
+    finally:
+        cpu_features.cache_clear()
+
+
 def test_qdyn_missing_from_the_build_falls_back(monkeypatch, caplog):
     import espnet_compress.quant.inference as inference
 

@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from espnet_compress.env import isa_caps
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.modules import QuantConv1d, QuantConv2d, QuantLinear, detach_quantizer
 
@@ -59,7 +60,8 @@ class KernelUnavailable(RuntimeError):
 @functools.lru_cache(maxsize=1)
 def cpu_features() -> str:
     """The instruction sets that decide which integer kernels are fast: torch's dispatch level
-    (``get_cpu_capability``) plus AVX-512 / VNNI / AMX flags from ``/proc/cpuinfo`` (Linux)."""
+    (``get_cpu_capability``), AVX-512 / VNNI / AMX flags from ``/proc/cpuinfo`` (Linux), and the
+    libraries' instruction-set caps when set (:func:`espnet_compress.env.isa_caps`)."""
     parts: List[str] = []
     try:
         parts.append(f"torch dispatch {torch.backends.cpu.get_cpu_capability()}")
@@ -74,6 +76,9 @@ def cpu_features() -> str:
     if flags:
         have = [label for flag, label in wanted if flag in flags]
         parts.append("cpu flags " + (", ".join(have) if have else "none of AVX2/AVX-512/VNNI/AMX"))
+    caps = isa_caps()
+    if caps:
+        parts.append("capped by " + ", ".join(f"{k}={v}" for k, v in caps.items()))
     return "; ".join(parts) or "unknown"
 
 
