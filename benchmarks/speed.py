@@ -20,7 +20,10 @@ configuration, in its own subprocess (so peak RSS after load is that configurati
 
 Timed: encoder forward, and a full decode = encoder + CTC posteriors + greedy attention decoding
 of ``--tokens_per_second`` tokens per second of audio (incremental decoder with cache, one token per
-step; a beam multiplies the decoder part by about the beam size). Each time is the minimum of
+step). ``--beam N`` decodes instead with ESPnet's ``BatchBeamSearch`` as ``asr_inference`` builds it
+(attention decoder + CTC prefix scorer, the weights of ``conf/librispeech_100/decode_asr.yaml``),
+run for the same number of steps (random weights give no meaningful end of sentence, so the length
+is fixed; ended hypotheses are not removed). Each time is the minimum of
 ``--repeats`` runs after a warm-up (the least disturbed by other processes on a shared machine).
 
 ``--isa avx2`` caps every library's instruction set at AVX2 (fbgemm, oneDNN, MKL, ATen dispatch;
@@ -173,7 +176,33 @@ def _min_time(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: float, scratch: Path) -> Dict[str, Any]:
+def beam_search_steps(model, beam: int) -> Callable[[Any, int], None]:
+    """``run(encoder_output, steps)``: ESPnet's batch beam search (decoder + CTC prefix scorer +
+    length bonus, weighted as the LibriSpeech-100 decode config) for a fixed number of steps."""
+    import yaml
+    from espnet.nets.batch_beam_search import BatchBeamSearch
+    from espnet.nets.scorers.ctc import CTCPrefixScorer
+    from espnet.nets.scorers.length_bonus import LengthBonus
+
+    conf = yaml.safe_load((REPO / "conf/librispeech_100/decode_asr.yaml").read_text())
+    ctc_weight = conf["ctc_weight"]
+    search = BatchBeamSearch(
+        scorers={"decoder": model.decoder, "ctc": CTCPrefixScorer(model.ctc, model.eos),
+                 "length_bonus": LengthBonus(VOCAB)},
+        weights={"decoder": 1.0 - ctc_weight, "ctc": ctc_weight, "length_bonus": conf["penalty"]},
+        beam_size=beam, vocab_size=VOCAB, sos=model.sos, eos=model.eos, token_list=model.token_list,
+        pre_beam_score_key="full").eval()
+
+    def run(enc, steps: int) -> None:
+        hyps = search.init_hyp(enc[0])
+        for _ in range(steps):
+            hyps = search.search(hyps, enc[0])
+
+    return run
+
+
+def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: float, scratch: Path,
+           beam: int = 0) -> Dict[str, Any]:
     """Build, (pack, load), time; runs in its own process."""
     import torch
 
@@ -215,6 +244,7 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
     out: Dict[str, Any] = {"name": name, "cpu": cpu_features(), "file_bytes": file_bytes, "peak_rss_mb_after_load": rss,
                            "rss_mb_after_load": _current_rss_mb(),
                            "rss_before_load_mb": rss_before, "paths": paths, "encoder_s": {}, "decode_s": {}}
+    beam_run = beam_search_steps(model, beam) if beam else None
     for sec in seconds:
         frames = int(sec * FRAMES_PER_SECOND)
         x = torch.randn(1, frames, FEAT_DIM, generator=torch.Generator().manual_seed(1))
@@ -225,6 +255,9 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
 
             def decode() -> None:
                 enc, _ = model.encode(x, lens)
+                if beam:
+                    beam_run(enc, n_tokens)
+                    return
                 model.ctc.log_softmax(enc)
                 ys = torch.full((1, 1), VOCAB - 1, dtype=torch.long)
                 cache = None
@@ -237,10 +270,10 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
     return out
 
 
-def _table(results: List[Dict[str, Any]], seconds: List[float], isa: str) -> str:
+def _table(results: List[Dict[str, Any]], seconds: List[float], isa: str, decoding: str) -> str:
     base = next(r for r in results if r["name"] == "fp32")
     lines = [f"# Speed at the LibriSpeech-100 Conformer size (one thread, batch 1)", "",
-             f"CPU: {base['cpu']} (--isa {isa})", "",
+             f"CPU: {base['cpu']} (--isa {isa}). Decode: {decoding}.", "",
              "Speed-up = fp32 time / config time, measured side by side in this run (min of repeats). "
              "Peak RSS: high-water mark after load (ESPnet builds the float model, then loads the "
              "file into it); now: resident after load and freeze.", "",
@@ -283,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[2.0, 5.0, 10.0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens_per_second", type=float, default=3.0)
+    parser.add_argument("--beam", type=int, default=0,
+                        help="decode with ESPnet's batch beam search of this size (0: greedy decoder steps)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--isa", choices=list(ISA_CAPS), default="native",
                         help="instruction-set cap of the timed processes (see ISA_CAPS)")
@@ -294,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         pack(args.pack, args.out)
         return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.seconds, args.repeats, args.tokens_per_second, args.out)))
+        print(json.dumps(worker(args.worker, args.seconds, args.repeats, args.tokens_per_second, args.out, args.beam)))
         return
     from tqdm import tqdm
 
@@ -310,13 +345,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             if done.returncode:
                 raise RuntimeError(f"packing {name} failed:\n{done.stderr[-3000:]}")
         cmd = [sys.executable, __file__, "--worker", name, "--out", str(args.out), "--repeats", str(args.repeats),
-               "--tokens_per_second", str(args.tokens_per_second), "--seconds", *map(str, args.seconds)]
+               "--tokens_per_second", str(args.tokens_per_second), "--beam", str(args.beam),
+               "--seconds", *map(str, args.seconds)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise RuntimeError(f"config {name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     load1 = os.getloadavg()[0]
-    md = _table(results, args.seconds, args.isa) + f"\nLoad average (1 min) at the end: {load1:.2f} on {os.cpu_count()} cores.\n"
+    decoding = (f"ESPnet batch beam search, beam {args.beam}, {args.tokens_per_second:g} steps per second of audio"
+                if args.beam else f"greedy, {args.tokens_per_second:g} tokens per second of audio")
+    md = _table(results, args.seconds, args.isa, decoding) + f"\nLoad average (1 min) at the end: {load1:.2f} on {os.cpu_count()} cores.\n"
     atomic_write_text(args.out / "speed.md", md)
     atomic_write_text(args.out / "speed.json", json.dumps({"isa": args.isa, "caps": ISA_CAPS[args.isa], "results": results}, indent=2) + "\n")
     _plot(results, args.seconds, args.out / "speed.png")
