@@ -384,3 +384,29 @@ def test_packed_load_caches_the_decoders_source_attention(tmp_path, monkeypatch)
     fresh = _model(seed=1)
     fresh.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=False)
     assert all(type(layer.src_attn) is CachedSourceAttention for layer in fresh.decoder.decoders)
+
+
+def test_source_attention_cache_keeps_espnets_beam_search_results():
+    """In ESPnet's own batch beam search (what asr_inference runs: beams expanded from one encoder
+    output, CTC prefix scorer): the same hypotheses, scores equal up to float rounding."""
+    from espnet.nets.batch_beam_search import BatchBeamSearch
+    from espnet.nets.scorers.ctc import CTCPrefixScorer
+
+    from espnet_compress.models.memory_cache import cache_source_attention
+
+    def search(model: CompressedASRModel) -> list:
+        beam = BatchBeamSearch(scorers={"decoder": model.decoder, "ctc": CTCPrefixScorer(model.ctc, model.eos)},
+                               weights={"decoder": 0.7, "ctc": 0.3}, beam_size=3, vocab_size=VOCAB, sos=model.sos,
+                               eos=model.eos, token_list=model.token_list, pre_beam_score_key="full").eval()
+        x = torch.randn(1, 40, FEAT, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            enc, _ = model.encode(x, torch.tensor([40]))
+            return beam(enc[0], maxlenratio=0.0, minlenratio=0.0)
+
+    plain = search(_model())
+    cached_model = _model()
+    assert cache_source_attention(cached_model) == 1
+    cached = search(cached_model)
+    assert [h.yseq.tolist() for h in cached] == [h.yseq.tolist() for h in plain]
+    torch.testing.assert_close(torch.stack([h.score for h in cached]), torch.stack([h.score for h in plain]),
+                               atol=1e-4, rtol=0)
