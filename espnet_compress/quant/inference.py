@@ -332,9 +332,14 @@ class ShiftAddDepthwiseConv1d(_FloatPath):
         return out
 
 
+def _decoded(module: torch.nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight the codes stand for (codes x scale, in the layer's weight layout)."""
+    return module.weight_quantizer.decode(codes, scale, module.weight)
+
+
 def _dequantized(module: torch.nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> torch.nn.Module:
     """Back to the plain torch class with the dequantized weight (computed once)."""
-    w = module.weight_quantizer.decode(codes, scale, module.weight)
+    w = _decoded(module, codes, scale)
     detach_quantizer(module)
     module.weight.data = w.to(module.weight.dtype)
     module.weight.requires_grad_(False)
@@ -468,11 +473,9 @@ def _build(path: str, module: torch.nn.Module, codes: torch.Tensor, scale: torch
     if path == "int4":
         return Int4WeightLinear(codes, scale, bias)
     if path == "im2col":
-        return Im2colConv2d(module.weight_quantizer.decode(codes, scale, module.weight), bias, module.stride,
-                            module.padding)
+        return Im2colConv2d(_decoded(module, codes, scale), bias, module.stride, module.padding)
     if path == "shiftadd":
-        return ShiftAddDepthwiseConv1d(module.weight_quantizer.decode(codes, scale, module.weight), bias,
-                                       module.padding[0])
+        return ShiftAddDepthwiseConv1d(_decoded(module, codes, scale), bias, module.padding[0])
     return _dequantized(module, codes, scale)
 
 
@@ -481,26 +484,30 @@ def _build(path: str, module: torch.nn.Module, codes: torch.Tensor, scale: torch
 _TIMING_FEATURES = 80
 
 
+def _timing_key(module: torch.nn.Module) -> Tuple:
+    """Layers with equal keys run the same kernels at the same speed: one timing serves them all."""
+    return (type(module).__name__, tuple(module.weight.shape), getattr(module, "stride", None),
+            getattr(module, "padding", None), module.bits)
+
+
 def _timing_case(module: torch.nn.Module, w: torch.Tensor, batch_rows: int
-                 ) -> Tuple[Tuple, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """(cache key, a representative input, the fp32 forward with weight ``w``) of one layer.
+                 ) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """(a representative input, the fp32 forward with weight ``w``) of one layer.
 
     Conv2d layers are the ``conv2d`` input layer of the utterance ``batch_rows`` describes: the
     first convolution reads (4 x rows) frames of features, the second the (2 x rows) x
     (features / 2) map of the first. Sizes matter beyond FLOPs here: oneDNN's time for the first
     convolution grows faster than its output (a fresh 20 MB map per 10 s), which a small timing
     input hides."""
-    key = (type(module).__name__, tuple(module.weight.shape), getattr(module, "stride", None),
-           getattr(module, "padding", None), module.bits)
     if isinstance(module, QuantLinear):
-        return key, torch.randn(batch_rows, module.in_features), lambda x: F.linear(x, w, module.bias)
+        return torch.randn(batch_rows, module.in_features), lambda x: F.linear(x, w, module.bias)
     if isinstance(module, QuantConv1d):
         x = torch.randn(1, module.in_channels, batch_rows)
     elif module.in_channels == 1:
         x = torch.randn(1, 1, 4 * batch_rows, _TIMING_FEATURES)
     else:
         x = torch.randn(1, module.in_channels, 2 * batch_rows, _TIMING_FEATURES // 2)
-    return key, x, lambda x: module._conv_forward(x, w, module.bias)
+    return x, lambda x: module._conv_forward(x, w, module.bias)
 
 
 def freeze_for_inference(model: torch.nn.Module, kernel: str = "auto",
@@ -531,9 +538,9 @@ def freeze_for_inference(model: torch.nn.Module, kernel: str = "auto",
         if len(options) == 1:
             path = options[0]
         else:
-            w = module.weight_quantizer.decode(codes, scale, module.weight)
-            key, x, fp32_forward = _timing_case(module, w, batch_rows)
+            key = _timing_key(module)
             if key not in timing_cache:
+                x, fp32_forward = _timing_case(module, _decoded(module, codes, scale), batch_rows)
                 runs: Dict[str, Callable[[], torch.Tensor]] = {"dequant": functools.partial(fp32_forward, x)}
                 for opt in options[1:]:
                     runs[opt] = functools.partial(_build(opt, module, codes, scale, bits), x)

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from espnet_compress.env import settings
+from espnet_compress.models.memory_cache import cache_source_attention
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import check_packing, nbytes, pack, unpack
-from espnet_compress.models.memory_cache import cache_source_attention
 from espnet_compress.quant.inference import freeze_for_inference
 from espnet_compress.quant.quantizers import SUPPORTED_BITS, BitPlaneQuantizer, WeightQuantizer
 from espnet_compress.utils.io import atomic_write_bytes
