@@ -324,6 +324,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pack", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.beam < 0:
+        parser.error(f"--beam {args.beam}: a beam size is >= 1 (or 0 for greedy decoding)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pack:
         pack(args.pack, args.out)

@@ -410,3 +410,16 @@ def test_source_attention_cache_keeps_espnets_beam_search_results():
     assert [h.yseq.tolist() for h in cached] == [h.yseq.tolist() for h in plain]
     torch.testing.assert_close(torch.stack([h.score for h in cached]), torch.stack([h.score for h in plain]),
                                atol=1e-4, rtol=0)
+
+
+def test_speed_benchmark_refuses_a_negative_beam_before_writing(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import speed
+
+    with pytest.raises(SystemExit):
+        speed.main(["--beam", "-1", "--out", str(tmp_path / "out")])
+    assert "--beam -1: a beam size is >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
