@@ -61,7 +61,7 @@ from espnet_compress.pipeline.stages import (  # noqa: E402
     training_finished,
 )
 from espnet_compress.pipeline.tiny import CONF_DIR, DEFAULT_SYSTEMS  # noqa: E402
-from espnet_compress.utils.io import atomic_write_text  # noqa: E402
+from espnet_compress.utils.io import atomic_write_text, exclusive  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -144,20 +144,21 @@ def prepare_corpus(args: argparse.Namespace) -> AsrExperiment:
         exp_dir=exp_dir / "asr_conformer", train_config=BASELINE_CONFIG, inference_config=DECODE_CONFIG,
         decode_nj=args.nj,
     )
-    if corpus is not None:
-        log.info("using the corpus in %s (%s)", data, corpus.counts)
-    elif all((data / s / "text").is_file() for s in ("train", "dev", "test")):
-        counts = {s: sum(1 for _ in open(data / s / "text")) for s in ("train", "dev", "test")}
-        log.info("reusing the corpus in %s (%s)", data, counts)
-    else:
-        from espnet_compress.corpus.spoken_commands import generate_corpus
+    with exclusive(exp_dir / ".prepare.lock"):
+        if corpus is not None:
+            log.info("using the corpus in %s (%s)", data, corpus.counts)
+        elif all((data / s / "text").is_file() for s in ("train", "dev", "test")):
+            counts = {s: sum(1 for _ in open(data / s / "text")) for s in ("train", "dev", "test")}
+            log.info("reusing the corpus in %s (%s)", data, counts)
+        else:
+            from espnet_compress.corpus.spoken_commands import generate_corpus
 
-        log.info("making the corpus in %s (%d/%d/%d utterances)", data, args.num_train, args.num_dev, args.num_test)
-        generate_corpus(data, seed=args.seed, num_train=args.num_train, num_dev=args.num_dev,
-                        num_test=args.num_test, nj=args.nj, progress=True)
-    make_token_list(data / "train" / "text", template.token_list)
-    collect_stats(template)
-    _check_stats_dim(template.stats_dir / "train" / "feats_stats.npz", BASELINE_CONFIG)
+            log.info("making the corpus in %s (%d/%d/%d utterances)", data, args.num_train, args.num_dev, args.num_test)
+            generate_corpus(data, seed=args.seed, num_train=args.num_train, num_dev=args.num_dev,
+                            num_test=args.num_test, nj=args.nj, progress=True)
+        make_token_list(data / "train" / "text", template.token_list)
+        collect_stats(template)
+        _check_stats_dim(template.stats_dir / "train" / "feats_stats.npz", BASELINE_CONFIG)
     return template
 
 

@@ -310,3 +310,20 @@ def test_require_tool_searches_extra_dirs(tmp_path: Path, monkeypatch: pytest.Mo
     assert require_tool("sclite", "sctk", extra_dirs=[str(tool.parent)]) == str(tool)
     with pytest.raises(MissingToolError, match=str(tmp_path / "elsewhere")):
         require_tool("sclite", "sctk", extra_dirs=[str(tmp_path / "elsewhere")])
+
+
+def test_exclusive_lock_makes_a_second_holder_wait(tmp_path: Path) -> None:
+    """Benchmarks started side by side on one exp dir prepare its token list and stats under this
+    lock; a second holder (another open file description, as another process has) must not get it
+    while the first holds it, and must get it afterwards."""
+    import fcntl
+
+    from espnet_compress.utils.io import exclusive
+
+    lock = tmp_path / "sub" / ".prepare.lock"
+    with exclusive(lock):
+        with open(lock, "a") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,10 +1,12 @@
 """File writing that never leaves a half-written result behind."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
@@ -41,3 +43,19 @@ def atomic_save_png(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Union[str, Path]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` for the block: processes started side by side on
+    one output dir (e.g. a benchmark's ``--train_only``, one per core) would otherwise all make the
+    same shared files at once and replace each other's temp files; the second one waits and then
+    finds them made."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
