@@ -4,8 +4,8 @@ Starts from a finished main job (``run_tiny``: the fp32 ``conformer``, its equal
 ``fp32_finetune`` and the separately trained ``qat_8bit``/``qat_4bit``), then:
 
 1. fine-tunes ``conf/spoken_commands/train_asr_nested_conformer_tiny_bitplane.yaml`` from the
-   baseline (five systems: 8-bit full, depth 3, FFN 192, and 4- and 2-bit planes of the same
-   codes) with ``run_tiny`` in ``--run_dir`` (a hard-linked copy of the main job, so finished
+   baseline (six systems: 8-bit full, depth 3, FFN 192, depth 2 with FFN 192, and 4- and 2-bit
+   planes of the same codes) with ``run_tiny`` in ``--run_dir`` (a hard-linked copy of the main job, so finished
    stages are reused), which exports it with ``export_packed`` as ONE file of 8-bit codes;
 2. decodes every system from that one file with stock ``asr_inference`` and
    ``ESPNET_COMPRESS_SYSTEM=<name>`` (the 8-bit full system is ``run_tiny``'s own decode);
@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.main_job import run_beside_main_job  # noqa: E402
 from benchmarks.nested_supernet import tagged  # noqa: E402
 from espnet_compress.export.packed_export import PACKED_NAME  # noqa: E402
+from espnet_compress.pipeline.data import corpus_of  # noqa: E402
 from espnet_compress.pipeline.stages import AsrExperiment  # noqa: E402
 from espnet_compress.pipeline.tiny import CONF_DIR  # noqa: E402
 from espnet_compress.utils.io import atomic_write_text  # noqa: E402
@@ -59,7 +60,7 @@ def train(main_job: Path, run_dir: Path) -> None:
 
 
 def _packed_experiment(run_dir: Path) -> AsrExperiment:
-    data = Path(json.loads((run_dir / "data_source.json").read_text())["data_dir"])
+    data = corpus_of(run_dir)
     return AsrExperiment(data_dir=data, train_set="train", valid_set="dev", test_sets=["test"],
                          token_list=run_dir / "token_list" / "word" / "tokens.txt", stats_dir=run_dir / "asr_stats",
                          exp_dir=run_dir / f"asr_{NAME}" / "packed", train_config=CONFIG,
@@ -87,7 +88,7 @@ def report(run_dir: Path, dirs: Dict[str, Path]) -> None:
     one_file = run_dir / f"asr_{NAME}" / "packed" / PACKED_NAME
     for name, d in dirs.items():
         specs[f"{NAME}.{name}"] = SystemSpec(f"{NAME}.{name}", d, one_file)
-    data = Path(json.loads((run_dir / "data_source.json").read_text())["data_dir"])
+    data = corpus_of(run_dir)
     ours = [f"{NAME}.{n}" for n in dirs]
     sections = []
     for ref, members in (("fp32_finetune", ours), ("conformer", ours)):
@@ -104,7 +105,8 @@ def report(run_dir: Path, dirs: Dict[str, Path]) -> None:
     text = ("# Bit-plane nested supernet: one packed file, every system\n\n"
             "Every `bitplane.*` row is decoded from the same file (ESPNET_COMPRESS_SYSTEM=<system>). Training: "
             "the supernet and every fine-tune row ran the control's schedule from the same baseline checkpoint "
-            "(same epochs and updates); the supernet runs five systems per update (about 5x the control's compute).\n\n"
+            f"(same epochs and updates); the supernet runs {len(dirs)} systems per update (about {len(dirs)}x the "
+            "control's compute).\n\n"
             "## Bytes on disk\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n")
     atomic_write_text(run_dir / "bitplane.md", text)
     atomic_write_text(run_dir / "bitplane.json", json.dumps({"sizes": sizes, "decode_dirs": {k: str(v) for k, v in dirs.items()}}, indent=1))
@@ -114,7 +116,7 @@ def report(run_dir: Path, dirs: Dict[str, Path]) -> None:
 def _sizes(run_dir: Path, one_file: Path) -> Dict[str, int]:
     sizes = {"fp32 largest system (baseline checkpoint)": (run_dir / "asr_conformer" / "valid.acc.best.pth").stat().st_size,
              "fp32 supernet checkpoint": (run_dir / f"asr_{NAME}" / "valid.acc.best.pth").stat().st_size,
-             "one bit-plane file (all 5 systems)": one_file.stat().st_size}
+             f"one bit-plane file (all {len(systems())} systems)": one_file.stat().st_size}
     separate = _separate_exports(run_dir)
     for name, nbytes in separate.items():
         sizes[f"export_system {name} (packed at its own width)"] = nbytes

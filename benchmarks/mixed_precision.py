@@ -37,6 +37,7 @@ import yaml
 from espnet_compress.mixed_precision.allocation import Allocation, Budget, Problem, solve, storage_bits
 from espnet_compress.mixed_precision.sensitivity import (config_fragment, held_out_batches, load_or_measure,
                                                          merge_fragment)
+from espnet_compress.pipeline.data import corpus_of
 from espnet_compress.pipeline.tiny import CONF_DIR
 from espnet_compress.utils.io import atomic_write_text
 from main_job import run_beside_main_job  # benchmarks/ (the script's directory)
@@ -87,7 +88,7 @@ def prepare(main_job: Path, out: Path, num_utts: int, seed: int) -> Dict[str, Pa
 
     exp = main_job / "asr_conformer"
     model, train_args = ASRTask.build_model_from_file(exp / "config.yaml", exp / "valid.acc.best.pth", "cpu")
-    data = Path(json.loads((main_job / "data_source.json").read_text())["data_dir"]) / "dev"
+    data = corpus_of(main_job) / "dev"
     batches, data_id = held_out_batches(data, train_args, num_utts)
     table = load_or_measure(out / "sensitivity.npz", model, batches, data_id=data_id)
     problem = table.problem()
@@ -123,14 +124,14 @@ def report(runs: List[Path], out: Path) -> None:
         data = json.loads((run_dir / "compare" / "compare.json").read_text())
         for s in data["systems"]:
             specs.setdefault(s["name"], SystemSpec(s["name"], Path(s["decode_dir"]), Path(s["model_file"])))
-    source = json.loads((runs[0] / "data_source.json").read_text())
+    corpus = corpus_of(runs[0])
     mixed = [n for n in SYSTEMS if n in specs]
     tables = []
     for ref, members in (("conformer", ["qat_4bit"] + mixed), ("fp32_finetune", ["qat_4bit"] + mixed),
                          ("qat_4bit", ["mp_kl4"]), ("mp_hand", ["mp_kl", "mp_rand"]), ("mp_rand", ["mp_kl"])):
         present = [m for m in members if m in specs]
         if ref in specs and present:
-            table = compare([specs[ref]] + [specs[m] for m in present], ref, Path(source["data_dir"]), ["test"],
+            table = compare([specs[ref]] + [specs[m] for m in present], ref, corpus, ["test"],
                             out / f"compare_vs_{ref}")
             tables.append(f"## Against `{ref}`\n\n" + table.to_markdown())
     text = "\n\n".join(tables)

@@ -28,7 +28,7 @@ from espnet_compress.corpus.kaldi_dir import (
     validate_data_dir,
     write_kaldi_dir,
 )
-from espnet_compress.pipeline.data import DATA_SOURCE, frontend_sample_rate, resolve_corpus
+from espnet_compress.pipeline.data import DATA_SOURCE, corpus_of, frontend_sample_rate, resolve_corpus
 from espnet_compress.pipeline.tiny import CONF_DIR, TinyRunConfig, TinySystem, run_tiny
 from tests.conftest import REPO
 
@@ -169,6 +169,29 @@ def test_out_dir_is_bound_to_its_corpus(tmp_path: Path, corpus: Path) -> None:
     with pytest.raises(ValueError, match="already holds the synthetic corpus"):
         resolve_corpus(synthetic, corpus, [BASELINE])
     assert resolve_corpus(tmp_path / "fresh", None, [BASELINE]) is None
+
+
+def test_corpus_of_a_main_job_either_way(tmp_path: Path, corpus: Path) -> None:
+    """Benchmarks that start from a finished main job find its corpus whether the job was made
+    from a --data_dir (bound) or made the synthetic corpus itself; anything else is named."""
+    bound = tmp_path / "bound"
+    resolve_corpus(bound, corpus, [BASELINE])
+    assert corpus_of(bound) == corpus
+    synthetic = tmp_path / "synthetic"
+    (synthetic / "data").mkdir(parents=True)
+    assert corpus_of(synthetic) == (synthetic / "data").resolve()
+    with pytest.raises(ValueError, match="holds no corpus"):
+        corpus_of(tmp_path / "empty")
+
+
+def test_benchmarks_fine_tune_with_the_main_jobs_training_seed(tmp_path: Path) -> None:
+    from benchmarks.main_job import main_job_seed
+
+    (tmp_path / "asr_conformer").mkdir()
+    (tmp_path / "asr_conformer" / "config.yaml").write_text("seed: 1\nmax_epoch: 40\n")
+    assert main_job_seed(tmp_path) == 1
+    with pytest.raises(SystemExit, match="no finished baseline"):
+        main_job_seed(tmp_path / "missing")
 
 
 def test_run_tiny_refuses_a_bad_corpus_before_writing_anything(tmp_path: Path, corpus: Path) -> None:

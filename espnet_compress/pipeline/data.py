@@ -96,6 +96,20 @@ def resolve_corpus(out_dir: Path, data_dir: Optional[Path], train_configs: Seque
     return UserCorpus(path, counts, rate)
 
 
+def corpus_of(out_dir: Path) -> Path:
+    """The data dir an output dir's models were trained on: the user's corpus it is bound to, else
+    the synthetic corpus it made. The benchmarks that start from a finished main job read it here,
+    so a main job made either way serves them."""
+    out_dir = Path(out_dir)
+    bound = _bound_corpus(out_dir)
+    if bound is not None:
+        return bound
+    if (out_dir / SYNTHETIC_DATA).is_dir():
+        return (out_dir / SYNTHETIC_DATA).resolve()
+    raise ValueError(f"{out_dir} holds no corpus: neither {DATA_SOURCE} (a --data_dir run) nor {SYNTHETIC_DATA}/ "
+                     f"(the synthetic corpus); is it a finished main job's output dir?")
+
+
 def _bound_corpus(out_dir: Path) -> Optional[Path]:
     """The corpus ``out_dir`` was made from, if it was made from a user's corpus."""
     source = out_dir / DATA_SOURCE
