@@ -386,6 +386,34 @@ def test_packed_load_caches_the_decoders_source_attention(tmp_path, monkeypatch)
     assert all(type(layer.src_attn) is CachedSourceAttention for layer in fresh.decoder.decoders)
 
 
+def test_packed_load_frees_the_fp32_weights_before_expanding_codes(tmp_path, monkeypatch):
+    """The load's peak memory: by the time the first code is expanded, every weight the file holds
+    as codes is already a zero-stride placeholder in the model (its fp32 storage freed for the
+    codes to reuse); a strict load still succeeds (the coded keys are taken off the missing list)
+    and gives the file's model exactly."""
+    import espnet_compress.quant.packed as packed_module
+
+    monkeypatch.setenv("ESPNET_COMPRESS_KERNEL", "dequant")
+    qat = _model()
+    reference = _outputs(qat)
+    packed_module.save_packed(qat, tmp_path / "m.pth")
+    fresh = _model(seed=1)
+    coded = [r["name"] for r in json.loads(torch.load(tmp_path / "m.pth", weights_only=True)[MAGIC])["tensors"]
+             if r["bits"]]
+    params = dict(fresh.named_parameters())
+    released_first = []
+    original_unpack = packed_module.unpack
+
+    def unpack(*args: Any, **kwargs: Any) -> Any:
+        released_first.append(all(not any(params[name].stride()) for name in coded))
+        return original_unpack(*args, **kwargs)
+
+    monkeypatch.setattr(packed_module, "unpack", unpack)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=True)
+    assert coded and released_first and all(released_first)
+    assert torch.equal(_outputs(fresh), reference)
+
+
 def test_source_attention_cache_keeps_espnets_beam_search_results():
     """In ESPnet's own batch beam search (what asr_inference runs: beams expanded from one encoder
     output, CTC prefix scorer): the same hypotheses, scores equal up to float rounding."""

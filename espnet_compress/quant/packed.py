@@ -26,7 +26,7 @@ import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -267,13 +267,16 @@ def _check_records(header: Mapping[str, Any], blob_len: int, source: str) -> Lis
 
 
 def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint",
-                      dequantize: bool = True) -> PackedState:
+                      dequantize: bool = True,
+                      before_expanding: Optional[Callable[[List[str]], None]] = None) -> PackedState:
     """Verify and expand a loaded packed checkpoint (float tensors, stored codes, header).
 
     ``dequantize=False`` (the load hook): quantized weights get a zero-stride placeholder of their
     shape in ``tensors`` instead of ``codes x scale``; the hook's freeze builds every quantized
     layer from the codes anyway, and one fp32 copy of the weights fewer keeps the peak memory of
     a load below that of the fp32 checkpoint's. The payload is read in place (no copy).
+    ``before_expanding`` gets the keys of the coded weights once the file is verified and before
+    any code is expanded (the load hook frees the model's fp32 weights there).
     """
     try:
         header = json.loads(state[MAGIC])
@@ -296,6 +299,8 @@ def unpack_state_dict(state: Mapping[str, Any], source: str = "packed checkpoint
             f"the file is truncated or corrupted, re-export or re-download it"
         )
     records = _check_records(header, len(blob), source)
+    if before_expanding is not None:
+        before_expanding([rec["name"] for rec in records if rec["bits"]])
     scale_dtype = header["scale_dtype"]
     out: Dict[str, torch.Tensor] = {}
     encodings: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -436,6 +441,22 @@ def load_packed(path: Union[str, Path]) -> PackedState:
     return unpack_state_dict(state, str(path))
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed during a load back to the OS (glibc's ``malloc_trim``). The fp32 model
+    ESPnet builds before the packed file is loaded into it is freed by the freeze, but glibc keeps
+    freed heap pages resident: without this the process stays as large as an fp32 one. No-op where
+    glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def size_report(header: Mapping[str, Any]) -> Dict[str, int]:
     """Bytes per tensor group in the blob (quantized weights incl. scales vs full-precision tensors)."""
     groups: Dict[str, int] = {}
@@ -467,19 +488,37 @@ class PackedLoading:
         if prefix or not is_packed(state_dict):
             return
         source = loading_source()
-        packed = unpack_state_dict(state_dict, source, dequantize=False)
+        packed = unpack_state_dict(state_dict, source, dequantize=False, before_expanding=self._release_float_weights)
         check_against_model(packed, self.model, source, fillable=self.fillable)
         packed = at_model_widths(packed, self.model)
         state_dict.clear()
-        state_dict.update(packed.tensors)
+        state_dict.update({k: v for k, v in packed.tensors.items() if k not in packed.encodings})
         self.pending = packed
+
+    def _release_float_weights(self, coded: List[str]) -> None:
+        """Free the fp32 weights the model was built with where the verified file has codes, before
+        the codes are expanded: the freeze replaces those layers with ones built from the codes,
+        and freeing first lets the codes, packed GEMM weights and timing inputs reuse that memory
+        instead of adding to the load's peak. Each weight keeps its shape as a zero-stride
+        placeholder (shape checks and queries still work) and its key is left out of the state
+        dict (a copy into it would write zeros); the freeze hook takes those keys off the missing
+        list. A file refused after this point leaves the freshly built model without weights,
+        as a refused load leaves it unusable anyway."""
+        params = dict(self.model.named_parameters())
+        for name in coded:
+            param = params.get(name)
+            if param is not None:  # a key the model lacks is refused by check_against_model
+                param.data = torch.zeros((), dtype=param.dtype).expand(param.shape)
 
     def freeze(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
         if self.pending is None:
             return
-        encodings = {k: (codes, scale) for k, (codes, scale, _) in self.pending.encodings.items()}
+        coded = self.pending.encodings
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in coded]
+        encodings = {k: (codes, scale) for k, (codes, scale, _) in coded.items()}
         self.model.inference_paths = freeze_for_inference(self.model, settings().kernel, encodings)
         cached = cache_source_attention(self.model)
         self.pending = None
+        release_freed_memory()
         log.info("loaded packed checkpoint; quantized layers frozen for inference; %d source attentions cache "
                  "their keys and values per utterance", cached)
