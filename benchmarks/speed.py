@@ -35,6 +35,11 @@ Usage::
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --out exp/speed [--seconds 2 5 10] [--isa avx2]
 
 Prints the table and writes ``<out>/speed.{md,json}`` and ``<out>/speed.png``.
+
+``--interleaved`` times only the encoder forward, of all ``--configs`` loaded into ONE process and
+taking turns, ``--repeats`` rounds (``speed_interleaved.{md,json}``): the side-by-side measurement
+for a ratio on a machine whose speed drifts (runs of one process per config, timed one after the
+other, spread by 15% and more here).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -201,14 +206,16 @@ def beam_search_steps(model, beam: int) -> Callable[[Any, int], None]:
     return run
 
 
-def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: float, scratch: Path,
-           beam: int = 0) -> Dict[str, Any]:
-    """Build, (pack, load), time; runs in its own process."""
+def load(name: str, scratch: Path) -> Tuple[Any, int, Dict[str, int], float]:
+    """(model ready to time, file bytes, layers per inference path, peak RSS before the load) of one
+    config: packed configs load their file (written by :func:`pack`) through the hook stock
+    ``Speech2Text`` uses; float configs save and load their own state dict the same way."""
+    import collections
+
     import torch
 
-    torch.set_num_threads(1)
     spec = CONFIGS[name]
-    paths: Dict[str, str] = {}
+    paths: Dict[str, int] = {}
     if spec.get("bits"):
         from espnet_compress.env import KERNEL
 
@@ -218,7 +225,7 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
         model = build(spec)
         rss_before = _rss_mb()
         model.load_state_dict(torch.load(path, weights_only=True), strict=False)  # as Speech2Text loads
-        paths = dict(__import__("collections").Counter(model.inference_paths.values()))
+        paths = dict(collections.Counter(model.inference_paths.values()))
         path.unlink()
     else:
         model = build(spec)
@@ -235,6 +242,16 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
 
             quantize_dynamic = getattr(torch.ao.quantization, "quantize_dynamic", None) or torch.quantization.quantize_dynamic
             model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model, file_bytes, paths, rss_before
+
+
+def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: float, scratch: Path,
+           beam: int = 0) -> Dict[str, Any]:
+    """Build, (pack, load), time; runs in its own process."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, file_bytes, paths, rss_before = load(name, scratch)
     import gc
 
     gc.collect()
@@ -246,9 +263,7 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
                            "rss_before_load_mb": rss_before, "paths": paths, "encoder_s": {}, "decode_s": {}}
     beam_run = beam_search_steps(model, beam) if beam else None
     for sec in seconds:
-        frames = int(sec * FRAMES_PER_SECOND)
-        x = torch.randn(1, frames, FEAT_DIM, generator=torch.Generator().manual_seed(1))
-        lens = torch.tensor([frames])
+        x, lens = _utterance(sec)
         n_tokens = max(1, int(round(sec * tokens_per_second)))
         with torch.inference_mode():
             out["encoder_s"][str(sec)] = _min_time(lambda: model.encode(x, lens), repeats)
@@ -269,6 +284,60 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
             out["decode_s"][str(sec)] = _min_time(decode, max(1, repeats // 2))
     out["peak_rss_mb_after_runs"] = _rss_mb()
     return out
+
+
+def _utterance(seconds: float) -> Tuple[Any, Any]:
+    """(features, lengths) of one random utterance of that length (batch 1)."""
+    import torch
+
+    frames = int(seconds * FRAMES_PER_SECOND)
+    return torch.randn(1, frames, FEAT_DIM, generator=torch.Generator().manual_seed(1)), torch.tensor([frames])
+
+
+def interleaved_worker(names: List[str], seconds: List[float], rounds: int, scratch: Path) -> Dict[str, Any]:
+    """Encoder forward of every config in ONE process, the configs taking turns in each of
+    ``rounds`` rounds: a drift of the machine's speed (other processes, clock) then hits every
+    config alike, which one process per config, timed one after the other, cannot promise."""
+    import torch
+
+    from espnet_compress.quant.inference import cpu_features
+
+    torch.set_num_threads(1)
+    models = {name: load(name, scratch)[0] for name in names}
+    out: Dict[str, Any] = {"cpu": cpu_features(), "rounds": rounds, "encoder_s": {name: {} for name in names}}
+    for sec in seconds:
+        x, lens = _utterance(sec)
+        with torch.inference_mode():
+            for model in models.values():
+                model.encode(x, lens)  # warm-up
+            times: Dict[str, List[float]] = {name: [] for name in names}
+            for _ in range(rounds):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model.encode(x, lens)
+                    times[name].append(time.perf_counter() - start)
+        for name in names:
+            out["encoder_s"][name][str(sec)] = times[name]
+    return out
+
+
+def _interleaved_table(result: Dict[str, Any], seconds: List[float], isa: str) -> str:
+    import statistics
+
+    base = result["encoder_s"]["fp32"]
+    lines = ["# Encoder speed, configs timed in turns in one process (LibriSpeech-100 Conformer, one thread, batch 1)", "",
+             f"CPU: {result['cpu']} (--isa {isa}). {result['rounds']} rounds per length, each config once per round.",
+             "Speed-up = fp32 time / config time, of the fastest round (min) and of the median round.", "",
+             "| config | " + " | ".join(f"enc {s:g}s ms min / median (x min / median)" for s in seconds) + " |",
+             "|---|" + "---:|" * len(seconds)]
+    for name, per_len in result["encoder_s"].items():
+        cells = []
+        for s in seconds:
+            t, b = per_len[str(s)], base[str(s)]
+            cells.append(f"{min(t) * 1e3:.0f} / {statistics.median(t) * 1e3:.0f} "
+                         f"({min(b) / min(t):.2f} / {statistics.median(b) / statistics.median(t):.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _table(results: List[Dict[str, Any]], seconds: List[float], isa: str, decoding: str) -> str:
@@ -325,7 +394,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--isa", choices=list(ISA_CAPS), default="native",
                         help="instruction-set cap of the timed processes (see ISA_CAPS)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="time the encoder forward of all --configs in one process, taking turns "
+                             "(--repeats rounds); writes speed_interleaved.{md,json}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pack", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.beam < 0:
@@ -334,22 +407,39 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.pack:
         pack(args.pack, args.out)
         return
+    names = ["fp32", *[c for c in args.configs if c != "fp32"]]
     if args.worker:
         print(json.dumps(worker(args.worker, args.seconds, args.repeats, args.tokens_per_second, args.out, args.beam)))
+        return
+    if args.interleaved_worker:
+        print(json.dumps(interleaved_worker(names, args.seconds, args.repeats, args.out)))
         return
     from tqdm import tqdm
 
     from espnet_compress.utils.io import atomic_write_text
 
-    names = ["fp32", *[c for c in args.configs if c != "fp32"]]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **ISA_CAPS[args.isa])
-    results = []
-    for name in tqdm(names, desc="configs"):
+    for name in names:
         if CONFIGS[name].get("bits"):
             done = subprocess.run([sys.executable, __file__, "--pack", name, "--out", str(args.out)],
                                   capture_output=True, text=True, env=env)
             if done.returncode:
                 raise RuntimeError(f"packing {name} failed:\n{done.stderr[-3000:]}")
+    if args.interleaved:
+        cmd = [sys.executable, __file__, "--interleaved_worker", "--configs", *names, "--out", str(args.out),
+               "--repeats", str(args.repeats), "--seconds", *map(str, args.seconds)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"interleaved timing failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        md = _interleaved_table(result, args.seconds, args.isa)
+        atomic_write_text(args.out / "speed_interleaved.md", md)
+        atomic_write_text(args.out / "speed_interleaved.json",
+                          json.dumps({"isa": args.isa, "caps": ISA_CAPS[args.isa], **result}, indent=2) + "\n")
+        print(md)
+        return
+    results = []
+    for name in tqdm(names, desc="configs"):
         cmd = [sys.executable, __file__, "--worker", name, "--out", str(args.out), "--repeats", str(args.repeats),
                "--tokens_per_second", str(args.tokens_per_second), "--beam", str(args.beam),
                "--seconds", *map(str, args.seconds)]

@@ -269,6 +269,21 @@ def test_every_kernel_serves_a_narrowed_elastic_layer_exactly(kernel):
     assert torch.equal(frozen[0].bias, bias)
 
 
+@pytest.mark.parametrize("timings, expected", [
+    ({"dequant": 1.0, "qdyn": 1.03}, "qdyn"),  # a tie goes to the integer path
+    ({"dequant": 1.0, "qdyn": 1.10}, "dequant"),  # fp32 clearly faster
+    ({"dequant": 1.0, "int8": 20.0, "int4": 5.0}, "dequant"),
+    ({"dequant": 1.0, "im2col": 0.97, "qdyn": 1.2}, "dequant"),  # fp32 paths: a tie keeps torch's op
+    ({"dequant": 1.0, "im2col": 0.90, "qdyn": 1.2}, "im2col"),
+    ({"dequant": 1.0, "im2col": 0.90, "qdyn": 0.93}, "qdyn"),
+    ({"dequant": 1.0, "shiftadd": 0.5}, "shiftadd"),
+])
+def test_auto_pick_from_timings(timings, expected):
+    from espnet_compress.quant.inference import _fastest
+
+    assert _fastest(timings) == expected
+
+
 def test_forced_unavailable_kernel_names_reason_and_fallback(caplog):
     layer = _linear(8, True, shape=(48, 40))  # 8-bit codes and 40 inputs: no int4 kernel
     with caplog.at_level(logging.WARNING, logger="espnet_compress.quant.inference"):
@@ -451,3 +466,19 @@ def test_speed_benchmark_refuses_a_negative_beam_before_writing(tmp_path, capsys
         speed.main(["--beam", "-1", "--out", str(tmp_path / "out")])
     assert "--beam -1: a beam size is >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_interleaved_speed_table_reports_min_and_median_ratios():
+    """The side-by-side table: ratios of the fastest and of the median round against fp32."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import speed
+
+    result = {"cpu": "test CPU", "rounds": 3, "encoder_s": {
+        "fp32": {"2.0": [0.30, 0.20, 0.25]}, "packed8_auto": {"2.0": [0.10, 0.20, 0.125]}}}
+    table = speed._interleaved_table(result, [2.0], "avx2")
+    assert "| fp32 | 200 / 250 (1.00 / 1.00x) |" in table
+    assert "| packed8_auto | 100 / 125 (2.00 / 2.00x) |" in table
+    assert "--isa avx2" in table and "3 rounds" in table
