@@ -398,7 +398,7 @@ def test_packed_load_caches_the_decoders_source_attention(tmp_path, monkeypatch)
     save_packed(_model(), tmp_path / "m.pth")
     fresh = _model(seed=1)
     fresh.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=False)
-    assert all(type(layer.src_attn) is CachedSourceAttention for layer in fresh.decoder.decoders)
+    assert all(isinstance(layer.src_attn, CachedSourceAttention) for layer in fresh.decoder.decoders)
 
 
 def test_packed_load_frees_the_fp32_weights_before_expanding_codes(tmp_path, monkeypatch):
@@ -482,3 +482,33 @@ def test_interleaved_speed_table_reports_min_and_median_ratios():
     assert "| fp32 | 200 / 250 (1.00 / 1.00x) |" in table
     assert "| packed8_auto | 100 / 125 (2.00 / 2.00x) |" in table
     assert "--isa avx2" in table and "3 rounds" in table
+
+
+def test_attention_without_masks_that_mask_nothing_is_bit_identical(monkeypatch):
+    """``skip_full_masks``: an all-true mask is dropped (no masked_fill runs), a mask with padding
+    is kept; both give exactly ESPnet's outputs; training keeps ESPnet's path."""
+    from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttention
+
+    from espnet_compress.models.full_masks import skip_full_masks
+
+    model = _model().eval()
+    reference = _outputs(model)  # a padded batch: masks with false entries
+    g = torch.Generator().manual_seed(4)
+    x, lens = torch.randn(1, 40, FEAT, generator=g), torch.tensor([40])
+    with torch.no_grad():
+        one = model.encode(x, lens)[0]
+    count = skip_full_masks(model)
+    assert count == sum(isinstance(m, MultiHeadedAttention) for m in model.modules()) > 0
+    assert skip_full_masks(model) == 0  # idempotent
+    fills = []
+    monkeypatch.setattr(torch.Tensor, "masked_fill", lambda self, *a: fills.append(1) or torch.Tensor.masked_fill_(self.clone(), *a))
+    with torch.no_grad():
+        assert torch.equal(model.encode(x, lens)[0], one)  # one utterance: full masks
+    assert not fills
+    with torch.no_grad():
+        assert torch.equal(_outputs(model), reference)
+    assert fills  # padding: ESPnet's masked path
+    fills.clear()
+    model.train()
+    model.encode(x, lens)
+    assert fills  # training: ESPnet's path

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from espnet_compress.env import settings
+from espnet_compress.models.full_masks import skip_full_masks
 from espnet_compress.models.memory_cache import cache_source_attention
 from espnet_compress.quant.api import quantized_modules
 from espnet_compress.quant.bitpack import check_packing, nbytes, pack, unpack
@@ -518,7 +519,8 @@ class PackedLoading:
         encodings = {k: (codes, scale) for k, (codes, scale, _) in coded.items()}
         self.model.inference_paths = freeze_for_inference(self.model, settings().kernel, encodings)
         cached = cache_source_attention(self.model)
+        unmasked = skip_full_masks(self.model)
         self.pending = None
         release_freed_memory()
         log.info("loaded packed checkpoint; quantized layers frozen for inference; %d source attentions cache "
-                 "their keys and values per utterance", cached)
+                 "their keys and values per utterance; %d attentions skip masks that mask nothing", cached, unmasked)
