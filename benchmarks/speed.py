@@ -135,12 +135,10 @@ def with_float_paths(model):
     load does."""
     import torch
 
-    from espnet_compress.models.full_masks import skip_full_masks
-    from espnet_compress.models.memory_cache import cache_source_attention
     from espnet_compress.quant.inference import Im2colConv2d, ShiftAddDepthwiseConv1d
+    from espnet_compress.quant.packed import decode_time_paths
 
-    cache_source_attention(model)
-    skip_full_masks(model)
+    decode_time_paths(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Conv2d) and module.in_channels == 1:
             new = Im2colConv2d(module.weight, module.bias, module.stride, module.padding)
@@ -407,6 +405,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.beam < 0:
         parser.error(f"--beam {args.beam}: a beam size is >= 1 (or 0 for greedy decoding)")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least one timed run (or round) per length")
+    if any(sec <= 0 for sec in args.seconds):
+        parser.error(f"--seconds {' '.join(f'{s:g}' for s in args.seconds)}: utterance lengths are > 0")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pack:
         pack(args.pack, args.out)

@@ -512,3 +512,20 @@ def test_attention_without_masks_that_mask_nothing_is_bit_identical(monkeypatch)
     model.train()
     model.encode(x, lens)
     assert fills  # training: ESPnet's path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats 0: at least one timed run"),
+    (["--seconds", "2", "0"], "--seconds 2 0: utterance lengths are > 0"),
+])
+def test_speed_benchmark_refuses_impossible_runs_before_writing(tmp_path, capsys, args, message):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import speed
+
+    with pytest.raises(SystemExit):
+        speed.main([*args, "--out", str(tmp_path / "out")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

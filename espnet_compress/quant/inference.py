@@ -26,7 +26,8 @@ checkpoint each quantized layer is converted once to the fastest available CPU p
 The weight-only kernels (``int8``/``int4``) are made for one-row LLM decoding and lose to fp32 BLAS
 on Conformer shapes. The int8 x int8 GEMM is the one that beats fp32: 3-4x on isolated Conformer
 layers of an AVX-512 VNNI CPU, 1.6-1.9x with the libraries capped at AVX2; a whole packed
-LibriSpeech-100 encoder about 1.9x and 1.4x (``benchmarks/speed.py``, README).
+LibriSpeech-100 encoder about 2.1x and 1.6x, side by side with stock fp32
+(``benchmarks/speed.py --interleaved``, README).
 ``kernel="auto"`` times the candidate paths once per distinct layer shape on this machine, keeps
 the fastest, and logs the choice with the CPU's instruction set (:func:`cpu_features`). Embedding
 layers are dequantized once at load (their file is still packed).

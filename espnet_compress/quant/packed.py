@@ -446,16 +446,20 @@ def release_freed_memory() -> None:
     """Hand memory freed during a load back to the OS (glibc's ``malloc_trim``). The fp32 model
     ESPnet builds before the packed file is loaded into it is freed by the freeze, but glibc keeps
     freed heap pages resident: without this the process stays as large as an fp32 one. No-op where
-    glibc is not the allocator."""
+    glibc is not the allocator (the symbol is looked up in the running process, no library search)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def decode_time_paths(model: torch.nn.Module) -> Tuple[int, int]:
+    """What a packed load does to a model besides quantization: the decoder's source attention
+    caches its keys and values per utterance, and every attention skips masks that mask nothing
+    (both exact). One function, so that the fp32 control of ``benchmarks/speed.py`` gets exactly
+    this too. Returns (source attentions cached, attentions changed)."""
+    return cache_source_attention(model), skip_full_masks(model)
 
 
 def size_report(header: Mapping[str, Any]) -> Dict[str, int]:
@@ -518,8 +522,7 @@ class PackedLoading:
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in coded]
         encodings = {k: (codes, scale) for k, (codes, scale, _) in coded.items()}
         self.model.inference_paths = freeze_for_inference(self.model, settings().kernel, encodings)
-        cached = cache_source_attention(self.model)
-        unmasked = skip_full_masks(self.model)
+        cached, unmasked = decode_time_paths(self.model)
         self.pending = None
         release_freed_memory()
         log.info("loaded packed checkpoint; quantized layers frozen for inference; %d source attentions cache "
