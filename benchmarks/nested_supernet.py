@@ -364,6 +364,7 @@ TWINS: Dict[str, tuple] = {
     "depth3": ("conformer_depth3", CONF_DIR / "train_asr_conformer_tiny_depth3.yaml"),
     "ffn192": ("conformer_ffn192", CONF_DIR / "train_asr_conformer_tiny_ffn192.yaml"),
     "int4": ("qat_4bit_scratch", CONF_DIR / "train_asr_quantized_conformer_tiny_4bit_scratch.yaml"),
+    "half_int8": ("qat_half_8bit_scratch", CONF_DIR / "train_asr_quantized_conformer_tiny_half_8bit_scratch.yaml"),
 }
 
 
@@ -437,7 +438,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = exp_dir / "benchmarks"
     suffix = f"_{args.tag}" if args.tag else ""
 
-    drift = {c.name: check_mirrors_baseline(c) for c in [args.config, *(cfg for _, cfg in TWINS.values())]}
+    systems = list(yaml.safe_load(args.config.read_text())["model_conf"]["systems"])
+    missing = [s for s in systems if s not in TWINS]
+    if missing:
+        raise SystemExit(f"{args.config}: no twin config known for system(s) {missing}; known: {list(TWINS)}")
+    if systems[0] != "full":
+        raise SystemExit(f"{args.config}: model_conf.systems must list 'full' first (the fp32 largest system, "
+                         f"compared with the baseline), got {systems}")
+    drift = {c.name: check_mirrors_baseline(c) for c in [args.config, *(TWINS[s][1] for s in systems)]}
     drift = {k: v for k, v in drift.items() if v}
     if drift:
         log.warning("configs differ from %s outside encoder/model: %s", BASELINE_CONFIG.name, drift)
@@ -445,13 +453,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     template = prepare_corpus(args)
     nested = dataclasses.replace(template, exp_dir=bench / f"asr_nested{suffix}", train_config=args.config.resolve(),
                                  train_args=train_args)
-    twins = {sys_name: (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch,
-                                               args.own_baseline))
-             for sys_name, (twin, cfg) in TWINS.items()}
-    systems = list(yaml.safe_load(args.config.read_text())["model_conf"]["systems"])
-    missing = [s for s in systems if s not in TWINS]
-    if missing:
-        raise SystemExit(f"{args.config}: no twin config known for system(s) {missing}; known: {list(TWINS)}")
+    # only the config's systems get twins: a config with two systems trains one twin, not four
+    twins = {sys_name: (TWINS[sys_name][0], _twin_experiment(template, bench, exp_dir, TWINS[sys_name][0],
+                                                             TWINS[sys_name][1], train_args, args.max_epoch,
+                                                             args.own_baseline))
+             for sys_name in systems}
 
     # ---- training: the one pass, then each twin separately (same epochs)
     records: Dict[str, TrainRecord] = {}

@@ -13,10 +13,12 @@ and compares with the fp32 baseline (``train_asr_conformer.yaml``) built the sam
 * ``bit1_fp_decoder``: 1-bit with the decoder in float (the authors' released config);
 * ``bit1_conv1``: the conv modules at 1 bit too (the authors report that low-bit convs degrade);
 * ``bit1_front4[_conv1]``: a variant of the config that also quantizes the Conv2d subsampling (4-bit),
-  token embedding and CTC projection (decoder bits): only biases and norms stay in float.
+  token embedding and CTC projection (decoder bits): only biases and norms stay in float;
+* ``bit1_all``: the same variant with the subsampling and conv modules at 1 bit too (the layout of
+  ``one_bit.py --all_1bit``, whose WER is measured on the tiny corpus).
 
-Only the co-trained layout's WER is measured (on the tiny corpus, ``benchmarks/one_bit.py``); the
-other rows are what the bytes would be.
+Only the co-trained layout's and ``bit1_all``'s WER are measured (on the tiny corpus,
+``benchmarks/one_bit.py``); the other rows are what the bytes would be.
 
 Usage::
 
@@ -43,7 +45,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from nested_supernet import save_report  # noqa: E402
-from one_bit import blocks_prefix, export_co_trained, fp32_sizes, mix_plan, packed_sizes  # noqa: E402
+from one_bit import (  # noqa: E402
+    ALL_ONE_BIT,
+    blocks_prefix,
+    export_co_trained,
+    fp32_sizes,
+    mix_plan,
+    packed_sizes,
+    whole_model_variant,
+)
 
 from espnet_compress.utils.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 
@@ -55,21 +65,8 @@ EXTRA_PLANS: Tuple[Tuple[str, Dict[str, int], int, bool], ...] = (
     ("bit1_conv1", {"*": 1}, 4, False),
     ("bit1_front4", {"embed.*": 4, "encoders.*.conv_module.*": 4, "*": 1}, 4, True),
     ("bit1_front4_conv1", {"embed.*": 4, "*": 1}, 4, True),
+    ("bit1_all", ALL_ONE_BIT, 4, True),
 )
-
-
-def whole_model_variant(config: Path, out: Path) -> Path:
-    """The config with nothing left in float but biases and norms: the Conv2d subsampling
-    quantizable (``conv2d``, not excluded), token embedding and CTC projection following the
-    decoder's bits (``decoder_quant.embedding/ctc``)."""
-    conf = yaml.safe_load(config.read_text())
-    quant = conf["encoder_conf"]["quant_conf"]
-    quant.pop("exclude", None)
-    quant["conv2d"] = True
-    conf["model_conf"]["decoder_quant"].update(embedding=True, ctc=True)
-    path = out / config.name
-    atomic_write_text(path, yaml.safe_dump(conf, sort_keys=False))
-    return path
 
 
 def random_checkpoint(config: Path, vocab: int, out: Path) -> Tuple[Path, Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -241,3 +242,21 @@ def test_benchmarks_refuse_a_bad_corpus_before_writing_anything(tmp_path: Path, 
     with pytest.raises(SystemExit, match="empty transcript for 'spk0-train0'"):
         benchmark.prepare_corpus(args)
     assert not (tmp_path / "exp").exists()
+
+
+def test_nested_benchmark_refuses_a_config_it_cannot_compare_before_writing(tmp_path: Path) -> None:
+    """``benchmarks/nested_supernet.py`` trains one twin per system of ``--config`` (a two-system
+    config trains one twin, not four): a system without a known twin, or a config whose first
+    system is not ``full`` (the largest, compared with the baseline), stops before anything exists."""
+    benchmark, _ = _benchmark_args()
+    conf = yaml.safe_load((CONF_DIR / "train_asr_nested_conformer_tiny_half.yaml").read_text())
+    assert list(conf["model_conf"]["systems"]) == ["full", "half_int8"]
+    assert set(conf["model_conf"]["systems"]) <= set(benchmark.TWINS)
+    for systems, needle in (({"full": {}, "quarter": {"blocks": [0]}}, "no twin config known for system(s) ['quarter']"),
+                            ({"half_int8": {"blocks": [0, 3]}, "full": {}}, "must list 'full' first")):
+        conf["model_conf"]["systems"] = systems
+        config = tmp_path / "nested.yaml"
+        config.write_text(yaml.safe_dump(conf, sort_keys=False))
+        with pytest.raises(SystemExit, match=re.escape(needle)):
+            benchmark.main(["--exp_dir", str(tmp_path / "exp"), "--config", str(config)])
+        assert not (tmp_path / "exp").exists()

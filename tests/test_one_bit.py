@@ -480,12 +480,16 @@ def test_size_benchmark_exports_every_layout(tmp_path):
     assert rows["bit1_front4"]["by_width"]["fp32"] < rows["bit1"]["by_width"]["fp32"] / 5
     assert rows["bit1_front4"]["file"] < rows["bit1"]["file"]
     assert set(rows["bit1"]["by_width"]) == {"1-bit", "4-bit", "fp32"}
+    # everything at 1 bit (front end and conv modules too): the encoder stores no other code width
+    assert set(rows["bit1_all"]["by_width"]) == {"1-bit", "fp32"}
+    assert rows["bit1_all"]["encoder"] < rows["bit1_front4_conv1"]["encoder"]
+    assert rows["bit1_all"]["blocks"] == rows["bit1_conv1"]["blocks"]
     assert set(rows["bit2"]["by_width"]) == {"2-bit", "4-bit", "fp32"}
 
 
 def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path, capsys):
     """``benchmarks/one_bit.py``: a warm start without the stage length, training the ablation it was
-    told to skip, or a model_conf override without a value stops at parse time with the option named,
+    told to skip or the all-1-bit model it was not told to train, or a model_conf override without a value stops at parse time with the option named,
     before a corpus or a training exists."""
     import sys
     from pathlib import Path
@@ -497,6 +501,7 @@ def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path
     for argv, needle in ((["--warm_start"], "--warm_start needs --max_epoch"),
                          (["--skip_nostoch", "--train_only", "co", "nostoch"], "--train_only nostoch contradicts"),
                          (["--train_only", "teacher"], "invalid choice: 'teacher'"),
+                         (["--train_only", "alone_1bit_all"], "--train_only alone_1bit_all needs --all_1bit"),
                          (["--co_model_conf", "kl_weight"], "--co_model_conf ['kl_weight']: expected KEY=VALUE")):
         with pytest.raises(SystemExit):
             one_bit.main(["--exp_dir", str(exp), *argv])
