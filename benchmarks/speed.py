@@ -37,8 +37,9 @@ Usage::
 
 Prints the table and writes ``<out>/speed.{md,json}`` and ``<out>/speed.png``.
 
-``--interleaved`` times only the encoder forward, of all ``--configs`` loaded into ONE process and
-taking turns, ``--repeats`` rounds (``speed_interleaved.{md,json}``): the side-by-side measurement
+``--interleaved`` times the encoder forward and the full decode (greedy, or ``--beam``) of all
+``--configs`` loaded into ONE process and taking turns, ``--repeats`` rounds
+(``speed_interleaved.{md,json}``): the side-by-side measurement
 for a ratio on a machine whose speed drifts (runs of one process per config, timed one after the
 other, spread by 15% and more here).
 """
@@ -208,6 +209,31 @@ def beam_search_steps(model, beam: int) -> Callable[[Any, int], None]:
     return run
 
 
+def full_decode(model, x, lens, n_tokens: int, beam_run: Optional[Callable[[Any, int], None]]) -> Callable[[], None]:
+    """One full decode of ``x`` to time: encoder, then ``beam_run`` for ``n_tokens`` steps, or greedy
+    (CTC posteriors, then ``n_tokens`` attention-decoder steps with its self-attention cache)."""
+    import torch
+
+    def decode() -> None:
+        enc, _ = model.encode(x, lens)
+        if beam_run is not None:
+            beam_run(enc, n_tokens)
+            return
+        model.ctc.log_softmax(enc)
+        ys = torch.full((1, 1), VOCAB - 1, dtype=torch.long)
+        cache = None
+        for _ in range(n_tokens):
+            logp, cache = model.decoder.forward_one_step(ys, torch.ones(1, ys.size(1), ys.size(1), dtype=torch.bool)
+                                                         .tril(), enc, cache=cache)
+            ys = torch.cat([ys, logp.argmax(-1, keepdim=True)], dim=1)
+
+    return decode
+
+
+def _tokens(seconds: float, tokens_per_second: float) -> int:
+    return max(1, int(round(seconds * tokens_per_second)))
+
+
 def load(name: str, scratch: Path) -> Tuple[Any, int, Dict[str, int], float]:
     """(model ready to time, file bytes, layers per inference path, peak RSS before the load) of one
     config: packed configs load their file (written by :func:`pack`) through the hook stock
@@ -266,24 +292,11 @@ def worker(name: str, seconds: List[float], repeats: int, tokens_per_second: flo
     beam_run = beam_search_steps(model, beam) if beam else None
     for sec in seconds:
         x, lens = _utterance(sec)
-        n_tokens = max(1, int(round(sec * tokens_per_second)))
+        n_tokens = _tokens(sec, tokens_per_second)
         with torch.inference_mode():
             out["encoder_s"][str(sec)] = _min_time(lambda: model.encode(x, lens), repeats)
 
-            def decode() -> None:
-                enc, _ = model.encode(x, lens)
-                if beam:
-                    beam_run(enc, n_tokens)
-                    return
-                model.ctc.log_softmax(enc)
-                ys = torch.full((1, 1), VOCAB - 1, dtype=torch.long)
-                cache = None
-                for _ in range(n_tokens):
-                    logp, cache = model.decoder.forward_one_step(ys, torch.ones(1, ys.size(1), ys.size(1), dtype=torch.bool)
-                                                                 .tril(), enc, cache=cache)
-                    ys = torch.cat([ys, logp.argmax(-1, keepdim=True)], dim=1)
-
-            out["decode_s"][str(sec)] = _min_time(decode, max(1, repeats // 2))
+            out["decode_s"][str(sec)] = _min_time(full_decode(model, x, lens, n_tokens, beam_run), max(1, repeats // 2))
     out["peak_rss_mb_after_runs"] = _rss_mb()
     return out
 
@@ -296,49 +309,58 @@ def _utterance(seconds: float) -> Tuple[Any, Any]:
     return torch.randn(1, frames, FEAT_DIM, generator=torch.Generator().manual_seed(1)), torch.tensor([frames])
 
 
-def interleaved_worker(names: List[str], seconds: List[float], rounds: int, scratch: Path) -> Dict[str, Any]:
-    """Encoder forward of every config in ONE process, the configs taking turns in each of
-    ``rounds`` rounds: a drift of the machine's speed (other processes, clock) then hits every
-    config alike, which one process per config, timed one after the other, cannot promise."""
+def interleaved_worker(names: List[str], seconds: List[float], rounds: int, scratch: Path,
+                       tokens_per_second: float, beam: int = 0) -> Dict[str, Any]:
+    """Encoder forward and full decode of every config in ONE process, the configs taking turns in
+    each of ``rounds`` rounds: a drift of the machine's speed (other processes, clock) then hits
+    every config alike, which one process per config, timed one after the other, cannot promise."""
     import torch
 
     from espnet_compress.quant.inference import cpu_features
 
     torch.set_num_threads(1)
     models = {name: load(name, scratch)[0] for name in names}
-    out: Dict[str, Any] = {"cpu": cpu_features(), "rounds": rounds, "encoder_s": {name: {} for name in names}}
+    beam_runs = {name: beam_search_steps(model, beam) if beam else None for name, model in models.items()}
+    out: Dict[str, Any] = {"cpu": cpu_features(), "rounds": rounds, "encoder_s": {name: {} for name in names},
+                           "decode_s": {name: {} for name in names}}
     for sec in seconds:
         x, lens = _utterance(sec)
+        runs = {"encoder_s": {name: (lambda m=model: m.encode(x, lens)) for name, model in models.items()},
+                "decode_s": {name: full_decode(model, x, lens, _tokens(sec, tokens_per_second), beam_runs[name])
+                             for name, model in models.items()}}
         with torch.inference_mode():
-            for model in models.values():
-                model.encode(x, lens)  # warm-up
-            times: Dict[str, List[float]] = {name: [] for name in names}
-            for _ in range(rounds):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model.encode(x, lens)
-                    times[name].append(time.perf_counter() - start)
-        for name in names:
-            out["encoder_s"][name][str(sec)] = times[name]
+            for kind, fns in runs.items():
+                for fn in fns.values():
+                    fn()  # warm-up
+                times: Dict[str, List[float]] = {name: [] for name in names}
+                for _ in range(rounds):
+                    for name, fn in fns.items():
+                        start = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - start)
+                for name in names:
+                    out[kind][name][str(sec)] = times[name]
     return out
 
 
-def _interleaved_table(result: Dict[str, Any], seconds: List[float], isa: str) -> str:
+def _interleaved_table(result: Dict[str, Any], seconds: List[float], isa: str, decoding_text: str) -> str:
     import statistics
 
-    base = result["encoder_s"]["fp32"]
-    lines = ["# Encoder speed, configs timed in turns in one process (LibriSpeech-100 Conformer, one thread, batch 1)", "",
-             f"CPU: {result['cpu']} (--isa {isa}). {result['rounds']} rounds per length, each config once per round.",
-             "Speed-up = fp32 time / config time, of the fastest round (min) and of the median round.", "",
-             "| config | " + " | ".join(f"enc {s:g}s ms min / median (x min / median)" for s in seconds) + " |",
-             "|---|" + "---:|" * len(seconds)]
-    for name, per_len in result["encoder_s"].items():
-        cells = []
-        for s in seconds:
-            t, b = per_len[str(s)], base[str(s)]
-            cells.append(f"{min(t) * 1e3:.0f} / {statistics.median(t) * 1e3:.0f} "
-                         f"({min(b) / min(t):.2f} / {statistics.median(b) / statistics.median(t):.2f}x)")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = ["# Speed, configs timed in turns in one process (LibriSpeech-100 Conformer, one thread, batch 1)", "",
+             f"CPU: {result['cpu']} (--isa {isa}). {result['rounds']} rounds per length, each config once per round. "
+             f"Decode: encoder + {decoding_text}.",
+             "Speed-up = fp32 time / config time, of the fastest round (min) and of the median round."]
+    for kind, title in (("encoder_s", "enc"), ("decode_s", "decode")):
+        base = result[kind]["fp32"]
+        lines += ["", "| config | " + " | ".join(f"{title} {s:g}s ms min / median (x min / median)" for s in seconds)
+                  + " |", "|---|" + "---:|" * len(seconds)]
+        for name, per_len in result[kind].items():
+            cells = []
+            for s in seconds:
+                t, b = per_len[str(s)], base[str(s)]
+                cells.append(f"{min(t) * 1e3:.0f} / {statistics.median(t) * 1e3:.0f} "
+                             f"({min(b) / min(t):.2f} / {statistics.median(b) / statistics.median(t):.2f}x)")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +440,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps(worker(args.worker, args.seconds, args.repeats, args.tokens_per_second, args.out, args.beam)))
         return
     if args.interleaved_worker:
-        print(json.dumps(interleaved_worker(names, args.seconds, args.repeats, args.out)))
+        print(json.dumps(interleaved_worker(names, args.seconds, args.repeats, args.out, args.tokens_per_second,
+                                            args.beam)))
         return
     from tqdm import tqdm
 
@@ -431,14 +454,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                                   capture_output=True, text=True, env=env)
             if done.returncode:
                 raise RuntimeError(f"packing {name} failed:\n{done.stderr[-3000:]}")
+    decoding = (f"ESPnet batch beam search, beam {args.beam}, {args.tokens_per_second:g} steps per second of audio"
+                if args.beam else f"greedy, {args.tokens_per_second:g} tokens per second of audio")
     if args.interleaved:
         cmd = [sys.executable, __file__, "--interleaved_worker", "--configs", *names, "--out", str(args.out),
-               "--repeats", str(args.repeats), "--seconds", *map(str, args.seconds)]
+               "--repeats", str(args.repeats), "--tokens_per_second", str(args.tokens_per_second),
+               "--beam", str(args.beam), "--seconds", *map(str, args.seconds)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise RuntimeError(f"interleaved timing failed:\n{proc.stderr[-3000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        md = _interleaved_table(result, args.seconds, args.isa)
+        md = _interleaved_table(result, args.seconds, args.isa, decoding)
         atomic_write_text(args.out / "speed_interleaved.md", md)
         atomic_write_text(args.out / "speed_interleaved.json",
                           json.dumps({"isa": args.isa, "caps": ISA_CAPS[args.isa], **result}, indent=2) + "\n")
@@ -454,8 +480,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise RuntimeError(f"config {name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     load1 = os.getloadavg()[0]
-    decoding = (f"ESPnet batch beam search, beam {args.beam}, {args.tokens_per_second:g} steps per second of audio"
-                if args.beam else f"greedy, {args.tokens_per_second:g} tokens per second of audio")
     md = _table(results, args.seconds, args.isa, decoding) + f"\nLoad average (1 min) at the end: {load1:.2f} on {os.cpu_count()} cores.\n"
     atomic_write_text(args.out / "speed.md", md)
     atomic_write_text(args.out / "speed.json", json.dumps({"isa": args.isa, "caps": ISA_CAPS[args.isa], "results": results}, indent=2) + "\n")

@@ -469,19 +469,24 @@ def test_speed_benchmark_refuses_a_negative_beam_before_writing(tmp_path, capsys
 
 
 def test_interleaved_speed_table_reports_min_and_median_ratios():
-    """The side-by-side table: ratios of the fastest and of the median round against fp32."""
+    """The side-by-side tables (encoder, full decode): ratios of the fastest and of the median round
+    against fp32."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import speed
 
-    result = {"cpu": "test CPU", "rounds": 3, "encoder_s": {
-        "fp32": {"2.0": [0.30, 0.20, 0.25]}, "packed8_auto": {"2.0": [0.10, 0.20, 0.125]}}}
-    table = speed._interleaved_table(result, [2.0], "avx2")
-    assert "| fp32 | 200 / 250 (1.00 / 1.00x) |" in table
-    assert "| packed8_auto | 100 / 125 (2.00 / 2.00x) |" in table
-    assert "--isa avx2" in table and "3 rounds" in table
+    result = {"cpu": "test CPU", "rounds": 3,
+              "encoder_s": {"fp32": {"2.0": [0.30, 0.20, 0.25]}, "packed8_auto": {"2.0": [0.10, 0.20, 0.125]}},
+              "decode_s": {"fp32": {"2.0": [0.90, 0.60, 0.75]}, "packed8_auto": {"2.0": [0.20, 0.40, 0.30]}}}
+    table = speed._interleaved_table(result, [2.0], "avx2", "greedy, 3 tokens per second of audio")
+    encoder, decode = table.split("| config | decode")
+    assert "| fp32 | 200 / 250 (1.00 / 1.00x) |" in encoder
+    assert "| packed8_auto | 100 / 125 (2.00 / 2.00x) |" in encoder
+    assert "| fp32 | 600 / 750 (1.00 / 1.00x) |" in decode
+    assert "| packed8_auto | 200 / 300 (3.00 / 2.50x) |" in decode
+    assert "--isa avx2" in table and "3 rounds" in table and "greedy, 3 tokens" in table
 
 
 def test_attention_without_masks_that_mask_nothing_is_bit_identical(monkeypatch):
