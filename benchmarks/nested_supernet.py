@@ -621,7 +621,7 @@ def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, 
         f"Epochs: {'configs default' if args.max_epoch is None else args.max_epoch} for every training. "
         "Nested systems are decoded from the one all-in-one checkpoint (stock asr_inference, "
         "ESPNET_COMPRESS_SYSTEM); nested bytes/params are those of `export_system`'s standalone file "
-        "(stock .pth for fp32 systems, packed for 4-bit); the 4-bit twin's bytes are its packed export. "
+        "(stock .pth for fp32 systems, packed for quantized ones); a quantized twin's bytes are its packed export. "
         "MAPSSWE: two-sided, alpha 0.05, twin as the baseline; \"lossless\" = no significant difference.",
     ]
     if drift:
