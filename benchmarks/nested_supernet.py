@@ -454,10 +454,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     nested = dataclasses.replace(template, exp_dir=bench / f"asr_nested{suffix}", train_config=args.config.resolve(),
                                  train_args=train_args)
     # only the config's systems get twins: a config with two systems trains one twin, not four
-    twins = {sys_name: (TWINS[sys_name][0], _twin_experiment(template, bench, exp_dir, TWINS[sys_name][0],
-                                                             TWINS[sys_name][1], train_args, args.max_epoch,
-                                                             args.own_baseline))
-             for sys_name in systems}
+    twins = {}
+    for sys_name in systems:
+        twin, cfg = TWINS[sys_name]
+        twins[sys_name] = (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch,
+                                                  args.own_baseline))
 
     # ---- training: the one pass, then each twin separately (same epochs)
     records: Dict[str, TrainRecord] = {}

@@ -260,15 +260,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     report_name = "one_bit_warm" if args.warm_start else "one_bit"
     bench = out / report_name
 
+    template = prepare_corpus(args)  # validates the corpus before anything is written
+
     configs = [ALONE[2], ALONE[1], COTRAIN] + ([] if args.skip_nostoch else [COTRAIN_NOSTOCH])
+    all_1bit_config: Optional[Path] = None
     if args.all_1bit:
-        configs.append(whole_model_variant(ALONE[1], bench, ALL_ONE_BIT, "train_asr_one_bit_1bit_all_tiny.yaml"))
+        all_1bit_config = whole_model_variant(ALONE[1], bench, ALL_ONE_BIT, "train_asr_one_bit_1bit_all_tiny.yaml")
+        configs.append(all_1bit_config)
     drift = {c.name: check_mirrors_baseline(c) for c in configs}
     drift = {k: v for k, v in drift.items() if v}
     if drift:
         log.warning("configs differ from %s outside encoder/model: %s", BASELINE_CONFIG.name, drift)
-
-    template = prepare_corpus(args)
 
     co_args = [a for kv in args.co_model_conf for a in ("--model_conf", kv)]
 
@@ -300,8 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     if not args.skip_nostoch:
         jobs["nostoch"] = (experiment("cotrain_nostoch", COTRAIN_NOSTOCH, init=low_init, extra=co_args), args.max_epoch)
-    if args.all_1bit:
-        jobs["alone_1bit_all"] = (experiment("alone_1bit_all", configs[-1], init=low_init), args.max_epoch)
+    if all_1bit_config is not None:
+        jobs["alone_1bit_all"] = (experiment("alone_1bit_all", all_1bit_config, init=low_init), args.max_epoch)
     if args.train_only:
         jobs = {k: v for k, v in jobs.items() if k in args.train_only}
     for name, (exp, epochs) in tqdm(list(jobs.items()), desc="train", unit="model"):

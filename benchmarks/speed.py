@@ -419,8 +419,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--isa", choices=list(ISA_CAPS), default="native",
                         help="instruction-set cap of the timed processes (see ISA_CAPS)")
     parser.add_argument("--interleaved", action="store_true",
-                        help="time the encoder forward of all --configs in one process, taking turns "
-                             "(--repeats rounds); writes speed_interleaved.{md,json}")
+                        help="time the encoder forward and the full decode of all --configs in one process, "
+                             "taking turns (--repeats rounds); writes speed_interleaved.{md,json}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--interleaved_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pack", help=argparse.SUPPRESS)
