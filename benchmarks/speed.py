@@ -8,8 +8,9 @@ configuration, in its own subprocess (so peak RSS after load is that configurati
   not quantization: the two float paths its ``auto`` picks (front end's first convolution as an
   im2col GEMM, depthwise convolutions as shift-adds; ``espnet_compress.quant.inference``) and the
   decoder's per-utterance key/value cache of the source attention
-  (``espnet_compress.models.memory_cache``), and attention without masks that mask nothing
-  (``espnet_compress.models.full_masks``): the control for the share of a packed model's speed-up
+  (``espnet_compress.models.memory_cache``), attention without masks that mask nothing
+  (``espnet_compress.models.full_masks``) and the decoder step without ESPnet's per-module
+  wrappers (``espnet_compress.models.decoder_step``): the control for the share of a packed model's speed-up
   that is not quantization;
 * ``torch_dynamic_int8``: every Linear through PyTorch's dynamic int8 (what ESPnet's
   ``asr_inference --quantize_asr_model true`` does; fp weights re-quantized at load);
@@ -131,9 +132,8 @@ def build(spec: Mapping[str, Any]):
 
 def with_float_paths(model):
     """Swap the stock layers a packed model's ``auto`` moves to float paths (one-channel Conv2d ->
-    im2col GEMM, depthwise Conv1d -> shift-adds), with their own fp32 weights, cache the source
-    attention's keys and values and skip attention masks that mask nothing, as a packed model's
-    load does."""
+    im2col GEMM, depthwise Conv1d -> shift-adds), with their own fp32 weights, and apply the rest
+    of a packed model's load (:func:`espnet_compress.quant.packed.decode_time_paths`)."""
     import torch
 
     from espnet_compress.quant.inference import Im2colConv2d, ShiftAddDepthwiseConv1d

@@ -534,3 +534,87 @@ def test_speed_benchmark_refuses_impossible_runs_before_writing(tmp_path, capsys
         speed.main([*args, "--out", str(tmp_path / "out")])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _lean(decoder: TransformerDecoder) -> TransformerDecoder:
+    from espnet_compress.models.decoder_step import lean_decoder_steps
+    from espnet_compress.models.memory_cache import cache_source_attention
+
+    cache_source_attention(decoder)
+    assert lean_decoder_steps(decoder) == 1
+    assert lean_decoder_steps(decoder) == 0  # idempotent
+    return decoder
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_lean_decoder_step_equals_espnets_step(beams, monkeypatch):
+    """The lean step is ESPnet's arithmetic in fewer calls: bit for bit with one hypothesis; with
+    beams sharing one cached source their queries are rows of one product per head (float
+    rounding, as the source cache's own test). It must actually run (no ESPnet layer is called)."""
+    from espnet.nets.pytorch_backend.transformer.decoder_layer import DecoderLayer
+
+    plain, lean = _decoder(), _lean(_decoder())
+    assert isinstance(lean, TransformerDecoder)
+    memory = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = _greedy_steps(plain, memory, beams, steps=5)
+        layer_calls = []
+        monkeypatch.setattr(DecoderLayer, "forward", lambda *a, **k: layer_calls.append(1))
+        got = _greedy_steps(lean, memory, beams, steps=5)
+    assert not layer_calls
+    torch.testing.assert_close(got, reference, atol=0.0 if beams == 1 else 1e-6, rtol=0)
+    assert lean.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_lean_decoder_step_leaves_masked_steps_training_and_other_layouts_to_espnet():
+    """A step whose last mask row masks something, a padded source, a first step of several tokens,
+    autograd and training all run ESPnet's own step (same results); a post-norm decoder is not
+    changed at all, with the reason."""
+    from espnet_compress.models.decoder_step import lean_decoder_steps, unsupported_layout
+
+    plain, lean = _decoder(), _lean(_decoder())
+    g = torch.Generator().manual_seed(6)
+    memory, ys = torch.randn(2, 9, 32, generator=g), torch.randint(1, VOCAB - 1, (2, 4), generator=g)
+    masked = torch.ones(2, 4, 4, dtype=torch.bool).tril()
+    masked[1, -1, 0] = False
+    source_mask = torch.ones(2, 1, 9, dtype=torch.bool)
+    source_mask[1, 0, 7:] = False
+    with torch.no_grad():
+        for tgt_mask, memory_mask in ((masked, None), (torch.ones(2, 4, 4, dtype=torch.bool).tril(), source_mask)):
+            torch.testing.assert_close(lean.forward_one_step(ys, tgt_mask, memory, memory_mask)[0],
+                                       plain.forward_one_step(ys, tgt_mask, memory, memory_mask)[0], atol=0, rtol=0)
+    lean.train()
+    out, _ = lean.forward_one_step(ys, masked, memory.requires_grad_())
+    out.sum().backward()
+    assert memory.grad is not None and memory.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    post_norm = TransformerDecoder(VOCAB, 32, attention_heads=4, linear_units=48, num_blocks=1, normalize_before=False)
+    assert unsupported_layout(post_norm) == "not a pre-norm decoder (normalize_before false)"
+    assert lean_decoder_steps(post_norm) == 0 and type(post_norm) is TransformerDecoder
+
+
+def test_lean_decoder_step_keeps_espnets_beam_search_results():
+    """ESPnet's batch beam search (decoder + CTC prefix scorer) through a packed model's decode-time
+    paths: the same hypotheses, scores equal up to float rounding."""
+    from espnet.nets.batch_beam_search import BatchBeamSearch
+    from espnet.nets.scorers.ctc import CTCPrefixScorer
+
+    from espnet_compress.quant.packed import decode_time_paths
+
+    def search(model: CompressedASRModel) -> list:
+        beam = BatchBeamSearch(scorers={"decoder": model.decoder, "ctc": CTCPrefixScorer(model.ctc, model.eos)},
+                               weights={"decoder": 0.7, "ctc": 0.3}, beam_size=3, vocab_size=VOCAB, sos=model.sos,
+                               eos=model.eos, token_list=model.token_list, pre_beam_score_key="full").eval()
+        x = torch.randn(1, 40, FEAT, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            enc, _ = model.encode(x, torch.tensor([40]))
+            return beam(enc[0], maxlenratio=0.0, minlenratio=0.0)
+
+    plain = search(_model())
+    fast_model = _model()
+    cached, unmasked, lean = decode_time_paths(fast_model)
+    assert (cached, lean) == (1, 1) and unmasked > 2
+    fast = search(fast_model)
+    assert [h.yseq.tolist() for h in fast] == [h.yseq.tolist() for h in plain]
+    torch.testing.assert_close(torch.stack([h.score for h in fast]), torch.stack([h.score for h in plain]),
+                               atol=1e-4, rtol=0)

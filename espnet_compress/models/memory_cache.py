@@ -45,19 +45,28 @@ class CachedSourceAttention(MultiHeadedAttention):
 
     _source_cache: Optional[Tuple[torch.Tensor, Optional[int], torch.Tensor, torch.Tensor]]
 
-    def forward_qkv(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, expand_kv: bool = False):
+    def source_keys_values(self, key: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Key and value projections of ``key``'s one source, (1, heads, frames, d_k), computed at
+        its first use and reused while it comes back; None where the cache does not apply
+        (training, autograd, or a batch of different sources)."""
         shared = key.size(0) == 1 or key.stride(0) == 0
-        if self.training or torch.is_grad_enabled() or key is not value or not shared:
-            return super().forward_qkv(query, key, value, expand_kv)
-        n_batch = query.size(0)
-        q = self.q_norm(self.linear_q(query).view(n_batch, -1, self.h, self.d_k).transpose(1, 2))
+        if self.training or torch.is_grad_enabled() or not shared:
+            return None
         entry = getattr(self, "_source_cache", None)
         if entry is None or not _same_source(entry[0], entry[1], key):
             source = key[:1]
             k = self.k_norm(self.linear_k(source).view(1, -1, self.h, self.d_k).transpose(1, 2))
             v = self.linear_v(source).view(1, -1, self.h, self.d_k).transpose(1, 2)
             entry = self._source_cache = (source, _version(key), k, v)
-        _, _, k, v = entry
+        return entry[2], entry[3]
+
+    def forward_qkv(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, expand_kv: bool = False):
+        cached = self.source_keys_values(key) if key is value else None
+        if cached is None:
+            return super().forward_qkv(query, key, value, expand_kv)
+        n_batch = query.size(0)
+        q = self.q_norm(self.linear_q(query).view(n_batch, -1, self.h, self.d_k).transpose(1, 2))
+        k, v = cached
         return q, k.expand(n_batch, -1, -1, -1), v.expand(n_batch, -1, -1, -1)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from espnet_compress.env import settings
+from espnet_compress.models.decoder_step import lean_decoder_steps
 from espnet_compress.models.full_masks import skip_full_masks
 from espnet_compress.models.memory_cache import cache_source_attention
 from espnet_compress.quant.api import quantized_modules
@@ -454,12 +455,13 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def decode_time_paths(model: torch.nn.Module) -> Tuple[int, int]:
+def decode_time_paths(model: torch.nn.Module) -> Tuple[int, int, int]:
     """What a packed load does to a model besides quantization: the decoder's source attention
-    caches its keys and values per utterance, and every attention skips masks that mask nothing
-    (both exact). One function, so that the fp32 control of ``benchmarks/speed.py`` gets exactly
-    this too. Returns (source attentions cached, attentions changed)."""
-    return cache_source_attention(model), skip_full_masks(model)
+    caches its keys and values per utterance, every attention skips masks that mask nothing, and
+    the decoder's steps run without ESPnet's per-module wrappers (all exact). One function, so that
+    the fp32 control of ``benchmarks/speed.py`` gets exactly this too. Returns (source attentions
+    cached, attentions changed, decoders with the lean step)."""
+    return cache_source_attention(model), skip_full_masks(model), lean_decoder_steps(model)
 
 
 def size_report(header: Mapping[str, Any]) -> Dict[str, int]:
@@ -522,8 +524,9 @@ class PackedLoading:
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in coded]
         encodings = {k: (codes, scale) for k, (codes, scale, _) in coded.items()}
         self.model.inference_paths = freeze_for_inference(self.model, settings().kernel, encodings)
-        cached, unmasked = decode_time_paths(self.model)
+        cached, unmasked, lean = decode_time_paths(self.model)
         self.pending = None
         release_freed_memory()
         log.info("loaded packed checkpoint; quantized layers frozen for inference; %d source attentions cache "
-                 "their keys and values per utterance; %d attentions skip masks that mask nothing", cached, unmasked)
+                 "their keys and values per utterance; %d attentions skip masks that mask nothing; %d decoders "
+                 "step without ESPnet's per-module wrappers", cached, unmasked, lean)
