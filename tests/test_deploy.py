@@ -391,6 +391,7 @@ def test_source_attention_cache_stays_out_of_training_and_autograd():
 
 
 def test_packed_load_caches_the_decoders_source_attention(tmp_path, monkeypatch):
+    from espnet_compress.models.decoder_step import LeanDecoderStep
     from espnet_compress.models.memory_cache import CachedSourceAttention
     from espnet_compress.quant.packed import save_packed
 
@@ -399,6 +400,7 @@ def test_packed_load_caches_the_decoders_source_attention(tmp_path, monkeypatch)
     fresh = _model(seed=1)
     fresh.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True), strict=False)
     assert all(isinstance(layer.src_attn, CachedSourceAttention) for layer in fresh.decoder.decoders)
+    assert isinstance(fresh.decoder, LeanDecoderStep) and isinstance(fresh.decoder, TransformerDecoder)
 
 
 def test_packed_load_frees_the_fp32_weights_before_expanding_codes(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ none of the wrappers: bit for bit ESPnet's result with one hypothesis. With beam
 cached source, the beams' queries attend as rows of one product per head instead of one product
 per beam (float rounding, as the source cache's own projection). It applies where ESPnet's layer
 would compute exactly that: pre-norm layers without ``concat_after``, plain multi-head attention
-(no flash attention, no q/k norms), a position-wise feed-forward, inference without autograd, a
-step with the layer cache (or a first step of one token) whose masks mask nothing; anything else
+(no flash attention or SDPA, no q/k norms), a position-wise feed-forward, inference without
+autograd, a step with the layer cache (or a first step of one token) whose masks mask nothing; anything else
 runs ESPnet's ``forward_one_step``.
 """
 from __future__ import annotations
@@ -83,6 +83,7 @@ def _layer_step(layer: DecoderLayer, x: torch.Tensor, memory: torch.Tensor,
 
 def _plain_attention(attention: Any) -> bool:
     return (isinstance(attention, MultiHeadedAttention) and not attention.use_flash_attn
+            and not getattr(attention, "use_sdpa", False)
             and isinstance(attention.q_norm, torch.nn.Identity) and isinstance(attention.k_norm, torch.nn.Identity))
 
 
@@ -95,7 +96,7 @@ def unsupported_layout(decoder: torch.nn.Module) -> str:
                "post-norm" if not layer.normalize_before else
                "concat_after" if layer.concat_after else
                "sequential attention" if getattr(layer, "sequential_attn", None) is not None else
-               "attention with flash attention or q/k norms" if not (
+               "attention with flash attention, SDPA or q/k norms" if not (
                    _plain_attention(layer.self_attn) and _plain_attention(layer.src_attn)) else
                "feed-forward is not PositionwiseFeedForward" if type(layer.feed_forward) is not PositionwiseFeedForward
                else "layer norms are not LayerNorm over the last dimension" if not all(
