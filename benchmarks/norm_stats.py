@@ -12,8 +12,9 @@ model shows the effect: each system is decoded (stock ``asr_inference``) from
   norm (the systems' statistics averaged: what one shared buffer updated by every system in turn
   converges to, up to the weighting of its exponential average).
 
-Models: the nested benchmark's all-in-one model and the foldable benchmark's joint + KL seed (the
-same training dirs, so those benchmarks reuse the trainings). MAPSSWE compares the two decodes of
+Models: the nested benchmark's all-in-one model, its half-system variant (``--tag half``) and the
+foldable benchmark's joint + KL seed (the same training dirs, so those benchmarks reuse the
+trainings). MAPSSWE compares the two decodes of
 each system (own statistics as the baseline).
 
 Usage::
@@ -55,8 +56,13 @@ from espnet_compress.scoring.compare import SystemSpec, compare, verdict_text  #
 
 log = logging.getLogger("norm_stats")
 FOLDABLE_CONFIG = REPO / "conf" / "spoken_commands" / "train_asr_foldable_conformer_tiny.yaml"
+#: the half-system supernet that ``nested_supernet.py --config <this> --tag half`` trains under the
+#: baseline's stopping rule (the trained point at which these statistics matter)
+NESTED_HALF_CONFIG = REPO / "conf" / "spoken_commands" / "train_asr_nested_conformer_tiny_half.yaml"
 SHARED_SUFFIX = ".sharedbn"
-MODELS = ("nested", "foldable_joint_kl")
+MODELS = ("nested", "nested_half", "foldable_joint_kl")
+#: measured when ``--models`` is not given (``nested_half`` trains to the 40-epoch stopping rule: on request)
+DEFAULT_MODELS = ("nested", "foldable_joint_kl")
 
 
 def shared_statistics(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -77,7 +83,7 @@ def shared_statistics(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS),
                    help="which trained models to measure (run one process per model to train them in parallel)")
     args = p.parse_args(argv)
     train_args = begin(args)
@@ -86,6 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     models = {
         "nested": (dataclasses.replace(template, exp_dir=exp_dir / "benchmarks" / "nested_supernet" / "asr_nested",
                                        train_config=NESTED_CONFIG, train_args=train_args), NESTED_CONFIG),
+        "nested_half": (dataclasses.replace(template, exp_dir=exp_dir / "benchmarks" / "nested_supernet" / "asr_nested_half",
+                                            train_config=NESTED_HALF_CONFIG, train_args=train_args), NESTED_HALF_CONFIG),
         "foldable_joint_kl": (dataclasses.replace(template, exp_dir=exp_dir / "benchmarks" / "foldable" / "asr_joint_kl",
                                                   train_config=FOLDABLE_CONFIG, train_args=train_args), FOLDABLE_CONFIG),
     }
