@@ -70,6 +70,9 @@ from espnet_compress.utils.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
+#: epochs of each derived model's fine-tuning unless --finetune_epochs says otherwise (the main job's QAT schedule)
+FINETUNE_EPOCHS = 4
+
 #: search object -> (stage-1 config, stage-2 config)
 OBJECTS: Dict[str, tuple] = {
     "width": (CONF_DIR / "train_asr_searchable_conformer_tiny_stage1.yaml",
@@ -145,7 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--stage2_epochs", type=int, default=None, help="epochs of every stage-2 run (default: config's)")
-    p.add_argument("--finetune_epochs", type=int, default=4, help="epochs of each derived model's fine-tuning")
+    p.add_argument("--finetune_epochs", type=int, default=FINETUNE_EPOCHS,
+                   help="epochs of each derived model's fine-tuning; another number than the default fine-tunes "
+                        "(and scores, reports) into their own dirs, next to the default's")
     p.add_argument("--held_out_fraction", type=float, default=0.2, help="share of train held out for stage 2")
     p.add_argument("--etas", type=_eta, nargs="+", default=[0.0, 2.0, 8.0], help="Gumbel width-search eta sweep")
     p.add_argument("--softmax_eta", type=_eta, default=2.0, help="eta of the plain-softmax ablation")
@@ -167,7 +172,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     exp_dir = args.exp_dir.resolve()
     kind = "darts_search" if args.stage1_from_baseline is None else "darts_search_warm"  # work dir of each kind
     bench = exp_dir / "benchmarks" / kind
-    report_name = kind + "".join(f"_{prefix}" for prefix in args.only or [])
+    # a non-default fine-tune is a second measurement of the same searches, kept beside the first
+    ft = "" if args.finetune_epochs == FINETUNE_EPOCHS else f"_ft{args.finetune_epochs}ep"
+    report_name = kind + "".join(f"_{prefix}" for prefix in args.only or []) + ft
     chosen = variants(args)
     if not chosen:
         raise SystemExit(f"--only {args.only} selects no variant")
@@ -228,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             derive_search(src / "config.yaml", model_file, out)
         derived[v.name] = json.loads((out / RECORD).read_text())
         finetuned[v.name] = dataclasses.replace(
-            template, exp_dir=bench / f"asr_{v.name}_finetune", train_config=out / "config.yaml",
+            template, exp_dir=bench / f"asr_{v.name}_finetune{ft}", train_config=out / "config.yaml",
             train_args=[*common, "--max_epoch", str(args.finetune_epochs), "--init_param", str(out / "model.pth")])
         records[f"{v.name}_finetune"] = timed_train(f"{v.name}_finetune", finetuned[v.name], args.finetune_epochs)
     baseline.decode()
@@ -240,13 +247,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     specs = [SystemSpec("baseline", baseline.decode_dir(), baseline.exp_dir / baseline.inference_model)]
     specs += [SystemSpec(name, exp.decode_dir(), exp.exp_dir / exp.inference_model) for name, exp in finetuned.items()]
-    table = compare(specs, "baseline", template.data_dir, ["test"], bench / "compare")
+    table = compare(specs, "baseline", template.data_dir, ["test"], bench / f"compare{ft}")
     base_row, rows = table.rows[0], table.rows[1:]
     # the main job's control (the baseline fine-tuned further), when it has one, and one trained as long
     def against(ctl: AsrExperiment, name: str) -> Tuple[Dict[str, str], str, str]:
         ctl.decode()
         cmp = compare([SystemSpec(name, ctl.decode_dir(), ctl.exp_dir / ctl.inference_model), *specs[1:]], name,
-                      template.data_dir, ["test"], bench / f"compare_vs_{name}")
+                      template.data_dir, ["test"], bench / f"compare_vs_{name}{ft}")
         return ({row.spec.name: verdict_text(row.significance["test"]) for row in cmp.rows[1:]},
                 f"{cmp.rows[0].wer['test'].wer:.2f}%", str(training_summary(ctl.exp_dir).epochs))
 
