@@ -167,6 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", nargs="+", default=None,
                    help="run only variants whose name starts with one of these (e.g. width_gumbel)")
     args = p.parse_args(argv)
+    if args.finetune_epochs <= 0:
+        p.error(f"--finetune_epochs must be a positive number of epochs, got {args.finetune_epochs}")
     common = list(args.train_args)
     stage1_args = begin(args)  # logging, clean environment; --max_epoch applies to stage 1 and the baseline
     exp_dir = args.exp_dir.resolve()

@@ -543,3 +543,16 @@ def test_derived_config_drops_the_run_and_takes_the_stage_1_schedule(asr_task, t
     # asr_train takes it as --config (a run's dump also holds keys such as 'required' that it refuses)
     parsed = asr_task.ASRTask.get_parser().parse_args(["--config", str(out.config), "--output_dir", str(tmp_path)])
     assert parsed.encoder == conf["encoder"] == "conformer" and parsed.max_epoch == 7  # alpha 0: all 16
+
+
+def test_darts_benchmark_refuses_a_fine_tune_without_epochs_before_writing(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import darts_search
+
+    with pytest.raises(SystemExit):
+        darts_search.main(["--finetune_epochs", "0", "--exp_dir", str(tmp_path / "exp")])
+    assert "--finetune_epochs must be a positive number of epochs, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
