@@ -1,9 +1,11 @@
 """Shared fixtures: tiny model options and the ESPnet ASR task with our plugin registered."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Dict, List
 
 import pytest
@@ -21,6 +23,15 @@ def tiny_conformer_options(**overrides) -> Dict:
     )
     opts.update(overrides)
     return opts
+
+
+def benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` as a module (the folder is not a package: imported by path, which
+    stays on ``sys.path`` for the benchmarks' imports of each other)."""
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def run_python(args: List[str], **kwargs):

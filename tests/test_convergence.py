@@ -13,6 +13,7 @@ import yaml
 
 from espnet_compress.pipeline.convergence import (StoppingRule, curve_from_log, curve_table, plot_curves,
                                                   read_curve, stopped_epoch_from_log)
+from tests.conftest import benchmark
 
 FIXTURE = Path(__file__).parent / "fixtures" / "early_stopping"
 
@@ -70,10 +71,7 @@ def test_read_curve_plot_and_table(tmp_path):
 def test_benchmarks_reuse_an_early_stopped_baseline_only_under_the_same_rule(tmp_path):
     """The fixture's run (cap 12, stopped at 8): a benchmark under the configs' stopping rule reuses
     it; one that trains every epoch (``all_epochs``, the one-bit benchmark) must train its own."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from nested_supernet import find_baseline
+    find_baseline = benchmark("nested_supernet").find_baseline
 
     exp = tmp_path / "asr_conformer"
     exp.mkdir()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Tuple
@@ -31,7 +30,7 @@ from espnet_compress.corpus.kaldi_dir import (
 )
 from espnet_compress.pipeline.data import DATA_SOURCE, corpus_of, frontend_sample_rate, resolve_corpus
 from espnet_compress.pipeline.tiny import CONF_DIR, TinyRunConfig, TinySystem, run_tiny
-from tests.conftest import REPO
+from tests.conftest import benchmark
 
 BASELINE = CONF_DIR / "train_asr_conformer_tiny.yaml"
 RATE = SampleRate(16000, "frontend_conf.fs in test")
@@ -224,11 +223,7 @@ def test_validate_cli_checks_a_corpus_against_a_config(corpus: Path, capsys: pyt
 
 def _benchmark_args(**values) -> Tuple[ModuleType, argparse.Namespace]:
     """The benchmarks' shared corpus options (``benchmarks/`` is not a package: imported by path)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import nested_supernet
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    nested_supernet = benchmark("nested_supernet")
     parser = argparse.ArgumentParser()
     nested_supernet.add_common_args(parser)
     args = parser.parse_args([f"--{k}={v}" for k, v in values.items()])

@@ -25,7 +25,7 @@ from espnet_compress.quant.inference import (
 )
 from espnet_compress.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, attach_quantizer
 from espnet_compress.quant.packed import MAGIC, pack_model, unpack_state_dict
-from tests.conftest import tiny_conformer_options
+from tests.conftest import benchmark, tiny_conformer_options
 
 FEAT, VOCAB = 20, 12
 
@@ -431,13 +431,27 @@ def test_packed_load_frees_the_fp32_weights_before_expanding_codes(tmp_path, mon
     assert torch.equal(_outputs(fresh), reference)
 
 
-def test_source_attention_cache_keeps_espnets_beam_search_results():
+def _cache_only(model: torch.nn.Module) -> None:
+    from espnet_compress.models.memory_cache import cache_source_attention
+
+    assert cache_source_attention(model) == 1
+
+
+def _all_decode_time_paths(model: torch.nn.Module) -> None:
+    from espnet_compress.quant.packed import decode_time_paths
+
+    cached, unmasked, lean = decode_time_paths(model)
+    assert (cached, lean) == (1, 1) and unmasked > 2
+
+
+@pytest.mark.parametrize("change", [_cache_only, _all_decode_time_paths], ids=["source-cache", "decode-time-paths"])
+def test_decode_time_changes_keep_espnets_beam_search_results(change):
     """In ESPnet's own batch beam search (what asr_inference runs: beams expanded from one encoder
-    output, CTC prefix scorer): the same hypotheses, scores equal up to float rounding."""
+    output, CTC prefix scorer), the source attention cache alone and everything a packed load does
+    besides quantization (cache, skipped masks, lean decoder step): the same hypotheses, scores equal
+    up to float rounding."""
     from espnet.nets.batch_beam_search import BatchBeamSearch
     from espnet.nets.scorers.ctc import CTCPrefixScorer
-
-    from espnet_compress.models.memory_cache import cache_source_attention
 
     def search(model: CompressedASRModel) -> list:
         beam = BatchBeamSearch(scorers={"decoder": model.decoder, "ctc": CTCPrefixScorer(model.ctc, model.eos)},
@@ -449,20 +463,16 @@ def test_source_attention_cache_keeps_espnets_beam_search_results():
             return beam(enc[0], maxlenratio=0.0, minlenratio=0.0)
 
     plain = search(_model())
-    cached_model = _model()
-    assert cache_source_attention(cached_model) == 1
-    cached = search(cached_model)
-    assert [h.yseq.tolist() for h in cached] == [h.yseq.tolist() for h in plain]
-    torch.testing.assert_close(torch.stack([h.score for h in cached]), torch.stack([h.score for h in plain]),
+    changed_model = _model()
+    change(changed_model)
+    changed = search(changed_model)
+    assert [h.yseq.tolist() for h in changed] == [h.yseq.tolist() for h in plain]
+    torch.testing.assert_close(torch.stack([h.score for h in changed]), torch.stack([h.score for h in plain]),
                                atol=1e-4, rtol=0)
 
 
 def test_speed_benchmark_refuses_a_negative_beam_before_writing(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import speed
+    speed = benchmark("speed")
 
     with pytest.raises(SystemExit):
         speed.main(["--beam", "-1", "--out", str(tmp_path / "out")])
@@ -473,11 +483,7 @@ def test_speed_benchmark_refuses_a_negative_beam_before_writing(tmp_path, capsys
 def test_interleaved_speed_table_reports_min_and_median_ratios():
     """The side-by-side tables (encoder, full decode): ratios of the fastest and of the median round
     against fp32."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import speed
+    speed = benchmark("speed")
 
     result = {"cpu": "test CPU", "rounds": 3,
               "encoder_s": {"fp32": {"2.0": [0.30, 0.20, 0.25]}, "packed8_auto": {"2.0": [0.10, 0.20, 0.125]}},
@@ -526,11 +532,7 @@ def test_attention_without_masks_that_mask_nothing_is_bit_identical(monkeypatch)
     (["--seconds", "2", "0"], "--seconds 2 0: utterance lengths are > 0"),
 ])
 def test_speed_benchmark_refuses_impossible_runs_before_writing(tmp_path, capsys, args, message):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import speed
+    speed = benchmark("speed")
 
     with pytest.raises(SystemExit):
         speed.main([*args, "--out", str(tmp_path / "out")])
@@ -593,30 +595,3 @@ def test_lean_decoder_step_leaves_masked_steps_training_and_other_layouts_to_esp
     post_norm = TransformerDecoder(VOCAB, 32, attention_heads=4, linear_units=48, num_blocks=1, normalize_before=False)
     assert unsupported_layout(post_norm) == "not a pre-norm decoder (normalize_before false)"
     assert lean_decoder_steps(post_norm) == 0 and type(post_norm) is TransformerDecoder
-
-
-def test_lean_decoder_step_keeps_espnets_beam_search_results():
-    """ESPnet's batch beam search (decoder + CTC prefix scorer) through a packed model's decode-time
-    paths: the same hypotheses, scores equal up to float rounding."""
-    from espnet.nets.batch_beam_search import BatchBeamSearch
-    from espnet.nets.scorers.ctc import CTCPrefixScorer
-
-    from espnet_compress.quant.packed import decode_time_paths
-
-    def search(model: CompressedASRModel) -> list:
-        beam = BatchBeamSearch(scorers={"decoder": model.decoder, "ctc": CTCPrefixScorer(model.ctc, model.eos)},
-                               weights={"decoder": 0.7, "ctc": 0.3}, beam_size=3, vocab_size=VOCAB, sos=model.sos,
-                               eos=model.eos, token_list=model.token_list, pre_beam_score_key="full").eval()
-        x = torch.randn(1, 40, FEAT, generator=torch.Generator().manual_seed(5))
-        with torch.no_grad():
-            enc, _ = model.encode(x, torch.tensor([40]))
-            return beam(enc[0], maxlenratio=0.0, minlenratio=0.0)
-
-    plain = search(_model())
-    fast_model = _model()
-    cached, unmasked, lean = decode_time_paths(fast_model)
-    assert (cached, lean) == (1, 1) and unmasked > 2
-    fast = search(fast_model)
-    assert [h.yseq.tolist() for h in fast] == [h.yseq.tolist() for h in plain]
-    torch.testing.assert_close(torch.stack([h.score for h in fast]), torch.stack([h.score for h in plain]),
-                               atol=1e-4, rtol=0)

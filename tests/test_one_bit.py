@@ -20,6 +20,7 @@ from espnet_compress.quant.api import QuantConfig, quantize_, quantized_modules
 from espnet_compress.quant.bitpack import nbytes, pack, pack_codes, unpack, unpack_codes
 from espnet_compress.quant.packed import PackedModelError, load_packed
 from espnet_compress.quant.quantizers import QUANTIZERS, StdScaleQuantizer, UnsupportedBitWidth
+from tests.conftest import REPO, benchmark
 
 W = [0.3, -1.2, 0.05, 2.0]
 GRAD = [1.0, 2.0, 3.0, 4.0]
@@ -459,13 +460,8 @@ def test_co_trained_systems_and_a_fixed_mix_export_packed_and_compute_what_they_
 def test_size_benchmark_exports_every_layout(tmp_path):
     """``benchmarks/one_bit_size.py`` (the paper-size byte table) on the tiny configs: every system
     exports through ``export_system``, and the bytes fall where the layouts say they must."""
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "benchmarks"))
-    import one_bit_size
-
-    conf = repo / "conf" / "spoken_commands"
+    one_bit_size = benchmark("one_bit_size")
+    conf = REPO / "conf" / "spoken_commands"
     assert one_bit_size.main(["--out", str(tmp_path), "--vocab", "20",
                               "--config", str(conf / "train_asr_one_bit_cotrain_tiny.yaml"),
                               "--fp32_config", str(conf / "train_asr_conformer_tiny.yaml")]) == 0
@@ -491,11 +487,7 @@ def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path
     """``benchmarks/one_bit.py``: a warm start without the stage length, training the ablation it was
     told to skip or the all-1-bit model it was not told to train, or a model_conf override without a value stops at parse time with the option named,
     before a corpus or a training exists."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import one_bit
+    one_bit = benchmark("one_bit")
 
     exp = tmp_path / "exp"
     for argv, needle in ((["--warm_start"], "--warm_start needs --max_epoch"),

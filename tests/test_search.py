@@ -26,7 +26,7 @@ from espnet_compress.export.search_export import derive_search, warm_start_searc
 from espnet_compress.features.search import HELD_OUT_MARKER, SearchConfigError, search_feature
 from espnet_compress.models.systems import SystemSpecError
 from espnet_compress.pipeline.search import split_held_out
-from tests.conftest import tiny_conformer_options
+from tests.conftest import benchmark, tiny_conformer_options
 from tests.test_nested import batch
 from tests.test_registration import _build_args
 
@@ -546,11 +546,7 @@ def test_derived_config_drops_the_run_and_takes_the_stage_1_schedule(asr_task, t
 
 
 def test_darts_benchmark_refuses_a_fine_tune_without_epochs_before_writing(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import darts_search
+    darts_search = benchmark("darts_search")
 
     with pytest.raises(SystemExit):
         darts_search.main(["--finetune_epochs", "0", "--exp_dir", str(tmp_path / "exp")])
