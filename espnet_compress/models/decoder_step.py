@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from espnet.nets.pytorch_backend.transformer.decoder_layer import DecoderLayer
 from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import PositionwiseFeedForward
 
 from espnet_compress.models.memory_cache import CachedSourceAttention
+from espnet_compress.utils.mixin import in_front
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _context(attention: MultiHeadedAttention, q: torch.Tensor, k: torch.Tensor, 
     return attention.linear_out(heads.transpose(1, 2).reshape(q.size(0), -1, attention.h * attention.d_k))
 
 
-def _self_attention(attention: MultiHeadedAttention, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _attention(attention: MultiHeadedAttention, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     q = _heads(attention, attention.linear_q(query))
     return _context(attention, q, _heads(attention, attention.linear_k(keys)),
                     _heads(attention, attention.linear_v(keys)))
@@ -62,19 +63,17 @@ def _self_attention(attention: MultiHeadedAttention, query: torch.Tensor, keys: 
 def _source_attention(attention: MultiHeadedAttention, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     cached = attention.source_keys_values(memory) if isinstance(attention, CachedSourceAttention) else None
     if cached is None:
-        return _self_attention(attention, query, memory)
+        return _attention(attention, query, memory)
     k, v = cached  # (1, heads, frames, d_k): the beams' queries become rows of one product per head
     q = _heads(attention, attention.linear_q(query)).transpose(0, 2)  # (1, heads, beams, d_k)
-    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(attention.d_k)
-    heads = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 2)  # (beams, heads, 1, d_k)
-    return attention.linear_out(heads.transpose(1, 2).reshape(query.size(0), -1, attention.h * attention.d_k))
+    return _context(attention, q, k, v).transpose(0, 1)  # (1, beams, d) -> (beams, 1, d)
 
 
 def _layer_step(layer: DecoderLayer, x: torch.Tensor, memory: torch.Tensor,
                 cache: Optional[torch.Tensor]) -> torch.Tensor:
     """ESPnet's ``DecoderLayer.forward`` with a cache (pre-norm, no concat_after) for the last row."""
     h = _norm(layer.norm1, x)
-    out = x[:, -1:] + _self_attention(layer.self_attn, h[:, -1:], h)
+    out = x[:, -1:] + _attention(layer.self_attn, h[:, -1:], h)
     out = out + _source_attention(layer.src_attn, _norm(layer.norm2, out), memory)
     ff = layer.feed_forward
     out = out + ff.w_2(ff.activation(ff.w_1(_norm(layer.norm3, out))))
@@ -133,17 +132,6 @@ class LeanDecoderStep:
         return ((y, hidden) if return_hs else y), new_cache
 
 
-_SUBCLASSES: Dict[type, type] = {}
-
-
-def _lean(cls: Type[torch.nn.Module]) -> type:
-    """``cls`` with :class:`LeanDecoderStep` in front (one per decoder class, so ``isinstance``
-    checks against ESPnet's classes still hold)."""
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Lean{cls.__name__}", (LeanDecoderStep, cls), {"__module__": __name__})
-    return _SUBCLASSES[cls]
-
-
 def lean_decoder_steps(model: torch.nn.Module) -> int:
     """Give every ESPnet Transformer decoder under ``model`` whose layout :class:`LeanDecoderStep`
     covers the lean ``forward_one_step`` (in place; weights and state_dict unchanged; a decoder it
@@ -157,6 +145,6 @@ def lean_decoder_steps(model: torch.nn.Module) -> int:
         if why:
             log.info("decoder %s keeps ESPnet's decoding step: %s", name or "(model)", why)
             continue
-        module.__class__ = _lean(type(module))
+        module.__class__ = in_front(LeanDecoderStep, type(module))
         count += 1
     return count

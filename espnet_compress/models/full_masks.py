@@ -10,10 +10,10 @@ ESPnet computes. Training and autograd keep ESPnet's path.
 """
 from __future__ import annotations
 
-from typing import Dict, Type
-
 import torch
 from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttention
+
+from espnet_compress.utils.mixin import in_front
 
 
 class _SkipFullMask:
@@ -25,17 +25,6 @@ class _SkipFullMask:
         return super().forward_attention(value, scores, mask)
 
 
-_SUBCLASSES: Dict[type, type] = {}
-
-
-def _unmasked(cls: Type[MultiHeadedAttention]) -> type:
-    """The class ``cls`` with :class:`_SkipFullMask` in front (one per attention class, so
-    ``isinstance`` checks against ESPnet's classes still hold)."""
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"SkipFullMask{cls.__name__}", (_SkipFullMask, cls), {})
-    return _SUBCLASSES[cls]
-
-
 def skip_full_masks(model: torch.nn.Module) -> int:
     """Let every ESPnet attention under ``model`` (encoder and decoder; relative-position ones
     too) skip masks that mask nothing (in place; weights and state_dict unchanged). Returns how
@@ -43,6 +32,6 @@ def skip_full_masks(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, MultiHeadedAttention) and not isinstance(module, _SkipFullMask):
-            module.__class__ = _unmasked(type(module))
+            module.__class__ = in_front(_SkipFullMask, type(module))
             count += 1
     return count
