@@ -31,9 +31,10 @@ Usage::
     nice -n 19 .venv/bin/python benchmarks/foldable.py --exp_dir /tmp/bench_check \\
         --num_train 40 --num_dev 8 --num_test 12 --max_epoch 1 --max_paths 2
 
-Restartable (finished trainings/decodes are reused). Outputs: ``<exp_dir>/benchmarks/foldable/``
-(trainings, decodes, scoring) and ``<exp_dir>/benchmarks/foldable.{md,json}`` +
-``foldable_wer_vs_depth.png``.
+Restartable (finished trainings/decodes are reused). ``--train_only joint_kl`` trains one system and
+stops, so several processes on one ``--exp_dir`` can share the cores; a last run without it decodes.
+Outputs: ``<exp_dir>/benchmarks/foldable/`` (trainings, decodes, scoring) and
+``<exp_dir>/benchmarks/foldable.{md,json}`` + ``foldable_wer_vs_depth.png``.
 """
 from __future__ import annotations
 
@@ -150,6 +151,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4], help="executed encoder depths")
     p.add_argument("--max_paths", type=int, default=None,
                    help="decode at most this many (evenly spread) paths per depth; default: all")
+    p.add_argument("--train_only", nargs="+", choices=[s.name for s in SYSTEMS], default=None,
+                   help="train just these systems, then stop: run one process per system on the same --exp_dir "
+                        "to use several cores (in the order you want them first), then once more without it")
     args = p.parse_args(argv)
     train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
@@ -169,8 +173,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         exps["baseline4"] = dataclasses.replace(exps["baseline4"], exp_dir=found)
 
     records: Dict[str, TrainRecord] = {}
-    for s in tqdm(SYSTEMS, desc="train", unit="model"):
+    to_train = [s for s in SYSTEMS if args.train_only is None or s.name in args.train_only]
+    for s in tqdm(to_train, desc="train", unit="model"):
         records[s.name] = timed_train(s.name, exps[s.name], args.max_epoch)
+    if args.train_only:
+        log.info("trained %s (--train_only); run again without it to decode and score", args.train_only)
+        return 0
 
     # ---- decode every (system, depth, path)
     jobs: List[Tuple[FoldSystem, int, int, Tuple[int, ...], TaggedDecode]] = []
