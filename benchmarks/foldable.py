@@ -152,8 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max_paths", type=int, default=None,
                    help="decode at most this many (evenly spread) paths per depth; default: all")
     p.add_argument("--train_only", nargs="+", choices=[s.name for s in SYSTEMS], default=None,
-                   help="train just these systems, then stop: run one process per system on the same --exp_dir "
-                        "to use several cores (in the order you want them first), then once more without it")
+                   help="train just these systems (in the table's order), then stop: run one process per system on "
+                        "the same --exp_dir to use several cores, then once more without it to decode")
     args = p.parse_args(argv)
     train_args = begin(args)
     exp_dir = args.exp_dir.resolve()

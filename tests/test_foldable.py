@@ -1,6 +1,8 @@
 """Foldable Conformer: unfolding paths, equivalence with explicit copies, joint training."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
@@ -132,3 +134,22 @@ def test_joint_training_through_the_multi_system_model(asr_task, tmp_path):
     loss.backward()
     assert model.encoder.encoders[0].feed_forward.w_1.weight.grad.abs().sum() > 0
     assert model.encoder.plan.blocks == (0, 0, 1, 1)
+
+
+def test_foldable_benchmark_train_only_trains_the_named_systems_and_decodes_nothing(tmp_path, monkeypatch):
+    """``benchmarks/foldable.py --train_only``: one process per system shares the cores; each trains
+    exactly what it was given, in that process, and leaves decoding to a last run without it."""
+    from espnet_compress.pipeline.stages import AsrExperiment
+    from tests.conftest import benchmark
+
+    foldable = benchmark("foldable")
+    template = AsrExperiment(tmp_path / "data", "train", "dev", ["test"], tmp_path / "tokens.txt",
+                             tmp_path / "stats", tmp_path / "unused", Path("unused.yaml"), Path("decode.yaml"))
+    trained = []
+    monkeypatch.setattr(foldable, "prepare_corpus", lambda args: template)
+    monkeypatch.setattr(foldable, "find_baseline", lambda *a: None)
+    monkeypatch.setattr(foldable, "timed_train", lambda name, exp, epochs: trained.append((name, exp.exp_dir.name)))
+    monkeypatch.setattr(foldable, "tagged", lambda *a: pytest.fail("--train_only must not decode"))
+    assert foldable.main(["--exp_dir", str(tmp_path), "--train_only", "joint_kl", "seed2_alone"]) == 0
+    assert trained == [("seed2_alone", "asr_seed2_alone"), ("joint_kl", "asr_joint_kl")]
+    assert not (tmp_path / "benchmarks" / "foldable.md").exists()
