@@ -151,10 +151,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4], help="executed encoder depths")
     p.add_argument("--max_paths", type=int, default=None,
                    help="decode at most this many (evenly spread) paths per depth; default: all")
-    p.add_argument("--train_only", nargs="+", choices=[s.name for s in SYSTEMS], default=None,
-                   help="train just these systems (in the table's order), then stop: run one process per system on "
-                        "the same --exp_dir to use several cores, then once more without it to decode")
+    p.add_argument("--systems", nargs="+", choices=[s.name for s in SYSTEMS], default=None,
+                   help="train and report just these systems (default: all; the report always includes its "
+                        "reference baseline4), e.g. a further seed of only the rows whose seeds disagree")
+    p.add_argument("--train_only", action="store_true",
+                   help="train exactly the --systems, then stop: run one process per system on the same --exp_dir "
+                        "to use several cores, then once more without it to decode and score")
     args = p.parse_args(argv)
+    chosen = [s for s in SYSTEMS if args.systems is None or s.name in args.systems
+              or (s.name == "baseline4" and not args.train_only)]
     train_args = begin(args)
     exp_dir = args.exp_dir.resolve()
     bench = exp_dir / "benchmarks" / "foldable"
@@ -173,16 +178,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         exps["baseline4"] = dataclasses.replace(exps["baseline4"], exp_dir=found)
 
     records: Dict[str, TrainRecord] = {}
-    to_train = [s for s in SYSTEMS if args.train_only is None or s.name in args.train_only]
-    for s in tqdm(to_train, desc="train", unit="model"):
+    for s in tqdm(chosen, desc="train", unit="model"):
         records[s.name] = timed_train(s.name, exps[s.name], args.max_epoch)
     if args.train_only:
-        log.info("trained %s (--train_only); run again without it to decode and score", args.train_only)
+        log.info("trained %s (--train_only); run again without it to decode and score", [s.name for s in chosen])
         return 0
 
     # ---- decode every (system, depth, path)
     jobs: List[Tuple[FoldSystem, int, int, Tuple[int, ...], TaggedDecode]] = []
-    for s in SYSTEMS:
+    for s in chosen:
         exp = exps[s.name]
         config = decode_config(exp.exp_dir, s.decode_encoder, bench / "decode_configs" / f"{s.name}.yaml")
         override = None if config == exp.exp_dir / "config.yaml" else config
@@ -209,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         wer[(s.name, depth, i)] = res.wer
     cells: Dict[Tuple[str, int], Cell] = {}
     decode_of = {(s.name, depth, i): dec for s, depth, i, _, dec in jobs}
-    for s in SYSTEMS:
+    for s in chosen:
         for depth in args.depths:
             entries = [(i, path) for js, d, i, path, _ in jobs if js.name == s.name and d == depth]
             entries.sort(key=lambda e: (wer[(s.name, depth, e[0])], e[0]))
@@ -235,8 +239,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cell.p_value = None if sig is None else sig.p_value
         cell.rel_to_baseline = (cell.median_wer - base_wer) / base_wer if base_wer else None
 
-    params = {s.name: build_params(exps[s.name].exp_dir / "config.yaml") for s in SYSTEMS}
-    text = _markdown(cells, params, records, args, base_name, drift)
+    params = {s.name: build_params(exps[s.name].exp_dir / "config.yaml") for s in chosen}
+    text = _markdown(chosen, cells, params, records, args, base_name, drift)
     print(text)
     atomic_write_text(out / "foldable.md", text)
     atomic_write_text(out / "foldable.json", json.dumps({
@@ -244,20 +248,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         "systems": {s.name: {"config": str(s.config), "label": s.label, "physical_blocks": s.physical,
                              "params": params[s.name], "train_seconds": records[s.name].seconds,
                              "train_cpu_seconds": records[s.name].cpu_seconds,
-                             "train_time_source": records[s.name].source} for s in SYSTEMS},
+                             "train_time_source": records[s.name].source} for s in chosen},
         "cells": [dataclasses.asdict(c) for c in cells.values()], "config_drift": drift,
     }, indent=2) + "\n")
-    _plot(cells, args.depths, out / "foldable_wer_vs_depth.png")
+    _plot(chosen, cells, args.depths, out / "foldable_wer_vs_depth.png")
     return 0
 
 
-def _markdown(cells: Dict, params: Dict, records: Dict, args, base_name: str, drift: Dict) -> str:
+def _markdown(chosen: Sequence[FoldSystem], cells: Dict, params: Dict, records: Dict, args, base_name: str,
+              drift: Dict) -> str:
     depths = args.depths
     head = "| system | training | physical blocks | params | " + " | ".join(
         f"depth {d}: WER % (paths: min-max) | vs {base_name}" for d in depths) + " | train s (wall / CPU) |"
     lines = ["## Foldable Conformer: Table-4 trends on spoken_commands (test)", "", head,
              "|---|---|---:|---:|" + "---:|---|" * len(depths) + "---:|"]
-    for s in SYSTEMS:
+    for s in chosen:
         cols = []
         for d in depths:
             c = cells[(s.name, d)]
@@ -280,10 +285,10 @@ def _markdown(cells: Dict, params: Dict, records: Dict, args, base_name: str, dr
     return "\n".join(lines) + "\n"
 
 
-def _plot(cells: Dict, depths: Sequence[int], path: Path) -> None:
+def _plot(chosen: Sequence[FoldSystem], cells: Dict, depths: Sequence[int], path: Path) -> None:
     plt = plot_setup()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for k, s in enumerate(SYSTEMS):
+    for k, s in enumerate(chosen):
         ys = [cells[(s.name, d)].median_wer for d in depths]
         lo = [min(cells[(s.name, d)].wers) for d in depths]
         hi = [max(cells[(s.name, d)].wers) for d in depths]

@@ -136,9 +136,9 @@ def test_joint_training_through_the_multi_system_model(asr_task, tmp_path):
     assert model.encoder.plan.blocks == (0, 0, 1, 1)
 
 
-def test_foldable_benchmark_train_only_trains_the_named_systems_and_decodes_nothing(tmp_path, monkeypatch):
-    """``benchmarks/foldable.py --train_only``: one process per system shares the cores; each trains
-    exactly what it was given, in that process, and leaves decoding to a last run without it."""
+def _stub_foldable_training(tmp_path, monkeypatch):
+    """``benchmarks/foldable.py`` with corpus and training stubbed: returns the module and the list the
+    stub appends ``(system, exp dir name)`` to for every training."""
     from espnet_compress.pipeline.stages import AsrExperiment
     from tests.conftest import benchmark
 
@@ -149,7 +149,41 @@ def test_foldable_benchmark_train_only_trains_the_named_systems_and_decodes_noth
     monkeypatch.setattr(foldable, "prepare_corpus", lambda args: template)
     monkeypatch.setattr(foldable, "find_baseline", lambda *a: None)
     monkeypatch.setattr(foldable, "timed_train", lambda name, exp, epochs: trained.append((name, exp.exp_dir.name)))
+    return foldable, trained
+
+
+def test_foldable_benchmark_train_only_trains_the_named_systems_and_decodes_nothing(tmp_path, monkeypatch):
+    """``benchmarks/foldable.py --systems ... --train_only``: one process per system shares the cores;
+    each trains exactly what it was given (not even the reference baseline) and leaves decoding to a
+    last run without it."""
+    foldable, trained = _stub_foldable_training(tmp_path, monkeypatch)
     monkeypatch.setattr(foldable, "tagged", lambda *a: pytest.fail("--train_only must not decode"))
-    assert foldable.main(["--exp_dir", str(tmp_path), "--train_only", "joint_kl", "seed2_alone"]) == 0
+    assert foldable.main(["--exp_dir", str(tmp_path), "--systems", "joint_kl", "seed2_alone", "--train_only"]) == 0
     assert trained == [("seed2_alone", "asr_seed2_alone"), ("joint_kl", "asr_joint_kl")]
     assert not (tmp_path / "benchmarks" / "foldable.md").exists()
+
+
+def test_foldable_benchmark_reports_a_subset_against_its_baseline(tmp_path, monkeypatch):
+    """``--systems joint`` (a further seed of only the rows whose seeds disagreed) trains and decodes
+    that system and the reference ``baseline4``, nothing else."""
+    foldable, trained = _stub_foldable_training(tmp_path, monkeypatch)
+    decoded = []
+
+    class Stop(Exception):
+        pass
+
+    class Decode:
+        def decode(self):
+            raise Stop  # every job is planned before the first decode runs
+
+    def tagged(exp, tag, env, override, out):
+        decoded.append((out.name, tag))
+        return Decode()
+
+    monkeypatch.setattr(foldable, "decode_config", lambda exp_dir, encoder, out: exp_dir / "config.yaml")
+    monkeypatch.setattr(foldable, "tagged", tagged)
+    with pytest.raises(Stop):
+        foldable.main(["--exp_dir", str(tmp_path), "--systems", "joint"])
+    assert trained == [("baseline4", "asr_baseline4"), ("joint", "asr_joint")]
+    assert {name for name, _ in decoded} == {"asr_baseline4", "asr_joint"}
+    assert ("asr_joint", "d4_p0") in decoded and ("asr_baseline4", "d4_p0") in decoded
