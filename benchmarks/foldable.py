@@ -164,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     exp_dir = args.exp_dir.resolve()
     bench = exp_dir / "benchmarks" / "foldable"
     out = exp_dir / "benchmarks"
-    drift = {s.config.name: check_mirrors_baseline(s.config) for s in SYSTEMS}
+    drift = {s.config.name: check_mirrors_baseline(s.config) for s in chosen}
     drift = {k: v for k, v in drift.items() if v}
     if drift:
         log.warning("configs differ from %s outside encoder/model: %s", BASELINE_CONFIG.name, drift)
