@@ -11,7 +11,12 @@ What it measures (arXiv 2406.10160's claims, at toy scale):
   ``asr_inference`` with ``ESPNET_COMPRESS_SYSTEM=<name>``, vs its twin (sclite + MAPSSWE);
 * storage: the one all-in-one checkpoint vs the K per-system exports (``export_system``) and the
   K twins' checkpoints (the 4-bit twin packed), each as a ratio to the largest system's export;
-* training cost: wall time of the one pass vs the sum of the separate trainings.
+* training cost: wall time of the one pass vs the sum of the separate trainings;
+* with ``--control_epochs N``, the equal-compute control of ``full``: the fp32 baseline config
+  trained from scratch under the same stopping rule with its cap raised to N epochs (the one pass
+  costs about two baseline trainings, so N = 2x the baseline's cap spends what the all-in-one
+  model spent); ``full`` against it says whether the nested model is better or only trained more.
+  The dev-accuracy curves of the baseline, the control and the all-in-one model are plotted.
 
 Usage (reusing the main job's data, token list, stats and fp32 baseline when compatible)::
 
@@ -52,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from espnet_compress.env import DECODE_ONLY  # noqa: E402
-from espnet_compress.pipeline.convergence import training_summary  # noqa: E402
+from espnet_compress.pipeline.convergence import plot_curves, read_curve, training_summary  # noqa: E402
 from espnet_compress.pipeline.data import SYNTHETIC_DATA, resolve_corpus  # noqa: E402
 from espnet_compress.pipeline.stages import (  # noqa: E402
     AsrExperiment,
@@ -429,6 +434,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "twins (its CPU time is then measured) instead of reusing the main job's baseline")
     p.add_argument("--tag", default="", help="names this all-in-one variant (its training dir and report files), "
                                              "e.g. 'random1' for a sampled config; the twins are shared")
+    p.add_argument("--control_epochs", type=epochs_or_zero, default=0,
+                   help="also train the fp32 baseline config from scratch under the same stopping rule with its "
+                        "cap raised to this many epochs (the equal-compute control of 'full'; 0: none)")
     args = p.parse_args(argv)
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", args.tag):
         p.error(f"--tag must be letters, digits, '_' or '-', got {args.tag!r}")
@@ -460,7 +468,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         twins[sys_name] = (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch,
                                                   args.own_baseline))
 
-    # ---- training: the one pass, then each twin separately (same epochs)
+    control = None
+    if args.control_epochs:
+        control = dataclasses.replace(
+            template, exp_dir=bench / f"asr_conformer_{args.control_epochs}ep", train_config=BASELINE_CONFIG,
+            train_args=[*train_args, "--max_epoch", str(args.control_epochs)])
+
+    # ---- training: the one pass, then each twin separately (same epochs), then the control
     records: Dict[str, TrainRecord] = {}
     jobs = [("all-in-one", nested)] + [(twin, exp) for twin, exp in twins.values()]
     for name, exp in tqdm(jobs, desc="train", unit="model"):
@@ -472,6 +486,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    args.own_baseline)
             twins[sys_name] = (name, exp)
         records[name] = timed_train(name, exp, args.max_epoch)
+    if control is not None:
+        records["control"] = timed_train("control", control, args.control_epochs)
 
     # ---- decoding: every nested system from the one checkpoint, each twin
     decodes = {s: tagged(nested, f"sys_{s}", {"ESPNET_COMPRESS_SYSTEM": s}) for s in systems}
@@ -479,6 +495,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         dec.decode()
     for twin, exp in tqdm(twins.values(), desc="decode twins", unit="model"):
         exp.decode()
+    if control is not None:
+        control.decode()
 
     # ---- export every system on its own; the 4-bit twin packed (what it would deploy)
     from espnet_compress.export.packed_export import PACKED_NAME, export_packed
@@ -532,6 +550,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                   for s in systems]
     all_specs += [SystemSpec(twins[s][0], twins[s][1].decode_dir(), twin_files[s], twin_params[s])
                   for s in systems if s != "full"]
+    control_report = None
+    if control is not None:
+        name = control.exp_dir.name[len("asr_"):]
+        control_spec = SystemSpec(name, control.decode_dir(), control.exp_dir / control.inference_model,
+                                  build_params(control.exp_dir / "config.yaml"))
+        all_specs.append(control_spec)
+        full = next(sp for sp in all_specs if sp.name == f"nested_{systems[0]}")
+        table = compare([control_spec, full], name, template.data_dir, ["test"], score_dir / f"full_vs_{name}")
+        control_report = _control_report(name, table, twins["full"][1], control, nested, records, out, suffix)
     vs_baseline = compare(all_specs, "conformer", template.data_dir, ["test"], score_dir / "all_vs_fp32")
 
     # ---- storage and training cost
@@ -565,13 +592,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     cost["cpu_speedup_separate_over_one_pass"] = (
         None if one_cpu is None or cost["separate_sum_cpu_seconds"] is None else cost["separate_sum_cpu_seconds"] / one_cpu)
 
-    text = _markdown(rows, storage, cost, vs_baseline.to_markdown(), args, drift)
+    text = _markdown(rows, storage, cost, vs_baseline.to_markdown(), args, drift, control_report)
     print(text)
     atomic_write_text(out / f"nested_supernet{suffix}.md", text)
     atomic_write_text(out / f"nested_supernet{suffix}.json", json.dumps({
         "config": str(args.config), "max_epoch": args.max_epoch, "rows": [dataclasses.asdict(r) for r in rows],
         "storage": storage, "training": cost, "vs_fp32_baseline": vs_baseline.to_dict(),
-        "config_drift": drift,
+        "config_drift": drift, "equal_compute_control": control_report,
     }, indent=2, default=str) + "\n")
     _plot(rows, storage, out / f"nested_supernet{suffix}_wer_vs_bytes.png")
     return 0
@@ -581,7 +608,32 @@ def _spec(config: Path, system: str) -> Dict[str, Any]:
     return (yaml.safe_load(config.read_text())["model_conf"]["systems"][system]) or {}
 
 
-def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, args, drift) -> str:
+def _control_report(name: str, table: Any, baseline: AsrExperiment, control: AsrExperiment,
+                    nested: AsrExperiment, records: Mapping[str, TrainRecord], out: Path, suffix: str) -> Dict[str, Any]:
+    """Nested ``full`` against the equal-compute control, with what each of the three trained for
+    (epochs run under the rule, updates, wall / CPU time) and their dev-accuracy curves plotted."""
+    from espnet_compress.scoring.compare import verdict_text
+
+    control_row, full_row = table.rows
+    sig = full_row.significance["test"]
+    trained = {}
+    for label, exp, record in (("conformer", baseline, records["conformer"]), (name, control, records["control"]),
+                               ("all-in-one", nested, records["all-in-one"])):
+        summary = training_summary(exp.exp_dir)
+        trained[label] = {"epochs": summary.epochs, "kept_epoch": summary.kept_epoch, "updates": summary.updates,
+                          "wall_seconds": record.seconds, "cpu_seconds": record.cpu_seconds}
+    cap = {label: _configured_epochs(exp.exp_dir / "config.yaml") for label, exp in (("base", baseline), ("ctl", control))}
+    plot = plot_curves({f"conformer (cap {cap['base']})": read_curve(baseline.exp_dir),
+                        f"conformer (cap {cap['ctl']}, equal compute)": read_curve(control.exp_dir),
+                        "all-in-one (largest system)": read_curve(nested.exp_dir)},
+                       out / f"nested_supernet{suffix}_dev_acc.png", training_summary(control.exp_dir).rule)
+    return {"control": name, "control_wer": control_row.wer["test"].wer, "full_wer": full_row.wer["test"].wer,
+            "verdict": verdict_text(sig), "p_value": None if sig is None else sig.p_value, "trained": trained,
+            "plot": str(plot)}
+
+
+def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, args, drift,
+              control: Optional[Dict[str, Any]] = None) -> str:
     model_conf = yaml.safe_load(args.config.read_text()).get("model_conf", {})
     sampling = model_conf.get("sampling", "all")
     if sampling != "all":
@@ -627,6 +679,17 @@ def _markdown(rows: Sequence[Row], storage: Dict, cost: Dict, vs_baseline: str, 
     ]
     if drift:
         lines += ["", f"WARNING: configs differ from the baseline outside encoder/model: {drift}"]
+    if control is not None:
+        lines += ["", f"### `full` against the equal-compute control `{control['control']}`", "",
+                  "| model | trained for (under the stopping rule) | train s (wall / CPU) | WER % |", "|---|---|---:|---:|"]
+        wers = {"conformer": rows[0].twin_wer, control["control"]: control["control_wer"],
+                "all-in-one": control["full_wer"]}
+        for label, t in control["trained"].items():
+            shown = "all-in-one, system `full`" if label == "all-in-one" else label
+            lines.append(f"| {shown} | {t['epochs']} epochs (kept {t['kept_epoch']}), {t['updates']:,} updates | "
+                         f"{fmt_seconds(t['wall_seconds'])} / {fmt_seconds(t['cpu_seconds'])} | {wers[label]:.2f} |")
+        lines += ["", f"MAPSSWE nested `full` vs `{control['control']}`: {control['verdict']}. "
+                      f"Dev-accuracy curves: `{Path(control['plot']).name}`."]
     lines += ["", "### Every system vs the fp32 baseline", "", vs_baseline]
     return "\n".join(lines) + "\n"
 

@@ -90,10 +90,14 @@ COTRAIN = CONF_DIR / "train_asr_one_bit_cotrain_tiny.yaml"
 COTRAIN_NOSTOCH = CONF_DIR / "train_asr_one_bit_cotrain_nostoch_tiny.yaml"
 #: the trainings of one run (``--train_only`` choices): fp32, each precision alone, co-trained, ablation,
 #: and (``--all_1bit``) the 1-bit model with nothing in float but biases and norms
-TRAININGS = ("fp32", "alone_2bit", "alone_1bit", "co", "nostoch", "alone_1bit_all")
+TRAININGS = ("fp32", "alone_2bit", "alone_1bit", "co", "nostoch", "alone_1bit_all", "alone_1bit_all_fc")
 #: encoder bit rules of ``alone_1bit_all``: the Conv2d subsampling and the conv modules at 1 bit too,
 #: the only layout whose encoder can reach the issue's 28x (the paper's keeps both wider)
 ALL_ONE_BIT = {"*": 1}
+#: kept in float by ``alone_1bit_all_fc`` (``--float_first_conv``): the subsampling's first convolution
+#: sees the one-channel filterbank through 9 weights per output channel, which one bit cannot resolve
+#: (binary networks keep their input layer in float); it is 0.2% of the paper-size encoder's weights
+FLOAT_FIRST_CONV = ("embed.conv.0",)
 #: the fixed per-layer mix decoded from the co-trained models: this fraction of the blocks (the
 #: first ones) at the low precision, the rest at the high one ("1.5-bit")
 MIX_FRACTION = 0.5
@@ -152,14 +156,17 @@ def blocks_prefix(config: Path) -> str:
 
 
 def whole_model_variant(config: Path, out: Path, bits: Optional[Mapping[str, int]] = None,
-                        name: Optional[str] = None) -> Path:
-    """``config`` with nothing left in float but biases and norms, written to ``out/name``: the
-    Conv2d subsampling quantizable (``conv2d``, not excluded), token embedding and CTC projection
-    following the decoder's bits (``decoder_quant.embedding/ctc``); ``bits`` replaces the encoder's
-    bit rules. A derived file rather than another config in conf/, so it cannot drift from its source."""
+                        name: Optional[str] = None, keep_float: Sequence[str] = ()) -> Path:
+    """``config`` with nothing left in float but biases and norms (and the modules ``keep_float``
+    names), written to ``out/name``: the Conv2d subsampling quantizable (``conv2d``, not excluded),
+    token embedding and CTC projection following the decoder's bits (``decoder_quant.embedding/ctc``);
+    ``bits`` replaces the encoder's bit rules. A derived file rather than another config in conf/, so
+    it cannot drift from its source."""
     conf = yaml.safe_load(config.read_text())
     quant = conf["encoder_conf"]["quant_conf"]
     quant.pop("exclude", None)
+    if keep_float:
+        quant["exclude"] = list(keep_float)
     quant["conv2d"] = True
     if bits is not None:
         quant["bits"] = dict(bits)
@@ -236,6 +243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also train alone_1bit_all: the 1-bit model with the Conv2d subsampling, conv modules, "
                         "token embedding and CTC layer quantized too (encoder all 1-bit, decoder side 4-bit), "
                         "from the same start as alone_1bit")
+    p.add_argument("--float_first_conv", action="store_true",
+                   help="with --all_1bit, also train alone_1bit_all_fc: the same layout with the Conv2d "
+                        "subsampling's first convolution (one input channel) kept in float")
     p.add_argument("--train_only", nargs="+", choices=TRAININGS, default=None,
                    help="train just these models (and what they start from), then stop: run one process per "
                         "model on the same --exp_dir to use several cores, then once more without this option")
@@ -249,6 +259,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("--train_only nostoch contradicts --skip_nostoch")
     if args.train_only and "alone_1bit_all" in args.train_only and not args.all_1bit:
         p.error("--train_only alone_1bit_all needs --all_1bit")
+    if args.float_first_conv and not args.all_1bit:
+        p.error("--float_first_conv is a variant of --all_1bit's layout: give both")
+    if args.train_only and "alone_1bit_all_fc" in args.train_only and not args.float_first_conv:
+        p.error("--train_only alone_1bit_all_fc needs --all_1bit --float_first_conv")
     # Every model trains exactly the same epochs (the issue's comparison), so the configs' dev-loss
     # early stopping is off: a co-trained model's dev loss (its 2-bit teacher's too) rises while it sits
     # on the initial plateau, and the rule stopped it there after 7 of 22 epochs (measured); the fp32
@@ -263,10 +277,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     template = prepare_corpus(args)  # validates the corpus before anything is written
 
     configs = [ALONE[2], ALONE[1], COTRAIN] + ([] if args.skip_nostoch else [COTRAIN_NOSTOCH])
-    all_1bit_config: Optional[Path] = None
+    all_1bit_configs: Dict[str, Path] = {}
     if args.all_1bit:
-        all_1bit_config = whole_model_variant(ALONE[1], bench, ALL_ONE_BIT, "train_asr_one_bit_1bit_all_tiny.yaml")
-        configs.append(all_1bit_config)
+        all_1bit_configs["alone_1bit_all"] = whole_model_variant(ALONE[1], bench, ALL_ONE_BIT,
+                                                                 "train_asr_one_bit_1bit_all_tiny.yaml")
+    if args.float_first_conv:
+        all_1bit_configs["alone_1bit_all_fc"] = whole_model_variant(
+            ALONE[1], bench, ALL_ONE_BIT, "train_asr_one_bit_1bit_all_fc_tiny.yaml", keep_float=FLOAT_FIRST_CONV)
+    configs += list(all_1bit_configs.values())
     drift = {c.name: check_mirrors_baseline(c) for c in configs}
     drift = {k: v for k, v in drift.items() if v}
     if drift:
@@ -302,8 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     if not args.skip_nostoch:
         jobs["nostoch"] = (experiment("cotrain_nostoch", COTRAIN_NOSTOCH, init=low_init, extra=co_args), args.max_epoch)
-    if all_1bit_config is not None:
-        jobs["alone_1bit_all"] = (experiment("alone_1bit_all", all_1bit_config, init=low_init), args.max_epoch)
+    for key, config in all_1bit_configs.items():
+        jobs[key] = (experiment(key, config, init=low_init), args.max_epoch)
     if args.train_only:
         jobs = {k: v for k, v in jobs.items() if k in args.train_only}
     for name, (exp, epochs) in tqdm(list(jobs.items()), desc="train", unit="model"):
@@ -344,8 +362,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         single(f"qat_{bits}bit", bits, "QAT fine-tune", jobs[f"qat_{bits}bit"][0])
     single("alone_2bit", 2, "alone", jobs["alone_2bit"][0])
     single("alone_1bit", 1, "alone", jobs["alone_1bit"][0])
-    if args.all_1bit:
-        single("alone_1bit_all", 1, "alone", jobs["alone_1bit_all"][0])
+    for key in all_1bit_configs:
+        single(key, 1, "alone", jobs[key][0])
     co_groups = [("co", "co-trained")] + ([] if args.skip_nostoch else [("nostoch", "co-trained, no stochastic")])
     for key, group in co_groups:
         exp = jobs[key][0]
@@ -375,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         m.wer = row.wer["test"].wer
         sig = row.significance["test"]
         m.vs_fp32, m.vs_fp32_p = verdict_text(sig), None if sig is None else sig.p_value
-    pairs: List[Tuple[str, str]] = [("alone_1bit", "alone_1bit_all")] if args.all_1bit else []
+    pairs: List[Tuple[str, str]] = [("alone_1bit", key) for key in all_1bit_configs]
     for key, _ in co_groups:
         pairs += [("alone_2bit", f"{key}_bit2"), ("alone_1bit", f"{key}_bit1")]
     if not args.skip_nostoch:
@@ -456,11 +474,13 @@ def _markdown(models: Sequence[Model], pairwise: Sequence[Dict[str, Any]], recor
                      f"{fp32.block_bytes / co1m.block_bytes:.1f}x for its Conformer blocks; the Conv2d subsampling, "
                      f"biases and norms stay fp32); whole file with the 4-bit decoder "
                      f"{fp32.file_bytes / co1m.file_bytes:.1f}x.")
-    all1 = next((m for m in models if m.name == "alone_1bit_all"), None)
-    if all1 is not None:
-        lines.append(f"- the same with nothing in float but biases and norms (alone_1bit_all): encoder "
-                     f"{fp32.encoder_bytes / all1.encoder_bytes:.1f}x, blocks {fp32.block_bytes / all1.block_bytes:.1f}x, "
-                     f"whole file {fp32.file_bytes / all1.file_bytes:.1f}x; WER {all1.wer:.2f}% ({all1.vs_fp32} vs fp32).")
+    for name, what in (("alone_1bit_all", "nothing in float but biases and norms"),
+                       ("alone_1bit_all_fc", "nothing in float but biases, norms and the first convolution")):
+        all1 = next((m for m in models if m.name == name), None)
+        if all1 is not None:
+            lines.append(f"- the same with {what} ({name}): encoder "
+                         f"{fp32.encoder_bytes / all1.encoder_bytes:.1f}x, blocks {fp32.block_bytes / all1.block_bytes:.1f}x, "
+                         f"whole file {fp32.file_bytes / all1.file_bytes:.1f}x; WER {all1.wer:.2f}% ({all1.vs_fp32} vs fp32).")
     times = ", ".join(f"{k}: {training_summary(r.exp_dir).describe()}, {fmt_seconds(r.seconds)} s wall / "
                       f"{fmt_seconds(r.cpu_seconds)} s CPU ({r.source})" for k, r in records.items())
     epochs = "configs default" if args.max_epoch is None else str(args.max_epoch)

@@ -15,7 +15,9 @@ and compares with the fp32 baseline (``train_asr_conformer.yaml``) built the sam
 * ``bit1_front4[_conv1]``: a variant of the config that also quantizes the Conv2d subsampling (4-bit),
   token embedding and CTC projection (decoder bits): only biases and norms stay in float;
 * ``bit1_all``: the same variant with the subsampling and conv modules at 1 bit too (the layout of
-  ``one_bit.py --all_1bit``, whose WER is measured on the tiny corpus).
+  ``one_bit.py --all_1bit``, whose WER is measured on the tiny corpus);
+* ``bit1_all_fc``: ``bit1_all`` with the subsampling's first convolution (one input channel) in
+  float (``one_bit.py --all_1bit --float_first_conv``).
 
 Only the co-trained layout's and ``bit1_all``'s WER are measured (on the tiny corpus,
 ``benchmarks/one_bit.py``); the other rows are what the bytes would be.
@@ -47,6 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from nested_supernet import save_report  # noqa: E402
 from one_bit import (  # noqa: E402
     ALL_ONE_BIT,
+    FLOAT_FIRST_CONV,
     blocks_prefix,
     export_co_trained,
     fp32_sizes,
@@ -66,6 +69,7 @@ EXTRA_PLANS: Tuple[Tuple[str, Dict[str, int], int, bool], ...] = (
     ("bit1_front4", {"embed.*": 4, "encoders.*.conv_module.*": 4, "*": 1}, 4, True),
     ("bit1_front4_conv1", {"embed.*": 4, "*": 1}, 4, True),
     ("bit1_all", ALL_ONE_BIT, 4, True),
+    ("bit1_all_fc", {**{name: 0 for name in FLOAT_FIRST_CONV}, **ALL_ONE_BIT}, 4, True),
 )
 
 

@@ -82,3 +82,49 @@ def test_benchmarks_reuse_an_early_stopped_baseline_only_under_the_same_rule(tmp
     assert find_baseline(tmp_path, 12) == exp
     assert find_baseline(tmp_path, 12, all_epochs=True) is None
     assert find_baseline(tmp_path, 8) is None  # asked for another cap
+
+
+def test_nested_benchmark_reports_full_against_its_equal_compute_control(tmp_path):
+    """``nested_supernet.py --control_epochs``: the section states what the baseline, the control and
+    the all-in-one model each trained for (epochs under the rule, kept epoch, updates) next to the
+    WERs and the MAPSSWE verdict of ``full`` against the control, and plots the three dev curves."""
+    from types import SimpleNamespace
+
+    from espnet_compress.scoring.significance import SignificanceResult
+
+    bench = benchmark("nested_supernet")
+    exps = {}
+    for name in ("asr_conformer", "asr_conformer_80ep", "asr_nested"):
+        exp = tmp_path / name
+        exp.mkdir()
+        for f in ("train.log", "config.yaml"):
+            (exp / f).write_text((FIXTURE / f).read_text())
+        exps[name] = SimpleNamespace(exp_dir=exp)
+    records = {k: bench.TrainRecord(k, tmp_path, s, "timer", False, c)
+               for k, s, c in (("conformer", 100.0, 90.0), ("control", 200.0, 180.0), ("all-in-one", 210.0, 190.0))}
+    sig = SignificanceResult(0.05, 0.012, "system", True, "nist", None, None, None, None)
+    table = SimpleNamespace(rows=[SimpleNamespace(wer={"test": SimpleNamespace(wer=2.5)}, significance={"test": None}),
+                                  SimpleNamespace(wer={"test": SimpleNamespace(wer=1.5)}, significance={"test": sig})])
+    report = bench._control_report("conformer_80ep", table, exps["asr_conformer"], exps["asr_conformer_80ep"],
+                                   exps["asr_nested"], records, tmp_path, "")
+    assert report["verdict"] == "better (p=0.012)" and (report["control_wer"], report["full_wer"]) == (2.5, 1.5)
+    trained = report["trained"]["conformer_80ep"]
+    assert (trained["epochs"], trained["kept_epoch"], trained["wall_seconds"], trained["cpu_seconds"]) == (8, 6, 200.0, 180.0)
+    assert Path(report["plot"]).is_file() and Path(report["plot"]).name == "nested_supernet_dev_acc.png"
+
+    row = bench.Row(system="full", spec={}, nested_params=1, nested_bytes=1, nested_file="f", nested_stock=True,
+                    nested_wer=1.5, twin="conformer", twin_params=1, twin_bytes=1, twin_file="t", twin_wer=3.0,
+                    verdict="better", p_value=0.01, twin_train_seconds=100.0, twin_train_cpu_seconds=90.0)
+    args = SimpleNamespace(config=bench.NESTED_CONFIG, max_epoch=None)
+    storage = dict(all_in_one_bytes=1, largest_system_bytes=1, exported_sum_bytes=1, twins_sum_bytes=1, num_systems=1,
+                   all_in_one_vs_largest=1.0, exported_sum_vs_largest=1.0, twins_sum_vs_largest=1.0,
+                   twins_sum_vs_all_in_one=1.0)
+    cost = dict(one_pass_seconds=1.0, separate_sum_seconds=1.0, speedup_separate_over_one_pass=1.0,
+                one_pass_cpu_seconds=None, separate_sum_cpu_seconds=None, cpu_speedup_separate_over_one_pass=None,
+                time_sources={})
+    text = bench._markdown([row], storage, cost, "(table)", args, {}, report)
+    section = text.split("### `full` against the equal-compute control `conformer_80ep`")[1]
+    assert "| conformer | 8 epochs (kept 6)" in section and "| 3.00 |" in section
+    assert "| all-in-one, system `full` | 8 epochs (kept 6)" in section and "| 1.50 |" in section
+    assert "| 200 / 180 | 2.50 |" in section
+    assert "MAPSSWE nested `full` vs `conformer_80ep`: better (p=0.012)." in section

@@ -480,6 +480,12 @@ def test_size_benchmark_exports_every_layout(tmp_path):
     assert set(rows["bit1_all"]["by_width"]) == {"1-bit", "fp32"}
     assert rows["bit1_all"]["encoder"] < rows["bit1_front4_conv1"]["encoder"]
     assert rows["bit1_all"]["blocks"] == rows["bit1_conv1"]["blocks"]
+    # the first convolution in float: 1 x 3 x 3 weights per output channel (d 96) move from 1 bit to fp32
+    first_conv = 96 * 9
+    grown = rows["bit1_all_fc"]["by_width"]["fp32"] - rows["bit1_all"]["by_width"]["fp32"]
+    assert grown == 4 * first_conv
+    assert rows["bit1_all"]["encoder"] < rows["bit1_all_fc"]["encoder"] < rows["bit1_all"]["encoder"] + 4 * first_conv
+    assert rows["bit1_all_fc"]["blocks"] == rows["bit1_all"]["blocks"]
     assert set(rows["bit2"]["by_width"]) == {"2-bit", "4-bit", "fp32"}
 
 
@@ -494,6 +500,9 @@ def test_one_bit_benchmark_refuses_contradictory_options_before_writing(tmp_path
                          (["--skip_nostoch", "--train_only", "co", "nostoch"], "--train_only nostoch contradicts"),
                          (["--train_only", "teacher"], "invalid choice: 'teacher'"),
                          (["--train_only", "alone_1bit_all"], "--train_only alone_1bit_all needs --all_1bit"),
+                         (["--float_first_conv"], "--float_first_conv is a variant of --all_1bit's layout"),
+                         (["--all_1bit", "--train_only", "alone_1bit_all_fc"],
+                          "--train_only alone_1bit_all_fc needs --all_1bit --float_first_conv"),
                          (["--co_model_conf", "kl_weight"], "--co_model_conf ['kl_weight']: expected KEY=VALUE")):
         with pytest.raises(SystemExit):
             one_bit.main(["--exp_dir", str(exp), *argv])

@@ -452,3 +452,21 @@ def test_tiny_configs_stopping_rule_is_one_espnet_accepts(config):
     rule = StoppingRule.from_config(_yaml(config))
     assert all(isinstance(part, str) for part in rule.criterion), f"{config.name}: {rule.criterion}"
     assert rule.patience in (None, 5), f"{config.name}: patience {rule.patience}"
+
+
+def test_one_bit_benchmarks_whole_model_layouts_quantize_what_they_say(asr_task, token_list, tmp_path):
+    """``one_bit.py --all_1bit [--float_first_conv]`` derive their configs from the 1-bit config: every
+    encoder Linear/Conv at 1 bit, the Conv2d subsampling included; with ``keep_float`` the first
+    convolution (one input channel) carries no quantizer and the second still does."""
+    from espnet_compress.quant.api import quantized_modules
+    from tests.conftest import benchmark
+
+    one_bit = benchmark("one_bit")
+    for keep_float in ((), one_bit.FLOAT_FIRST_CONV):
+        config = one_bit.whole_model_variant(one_bit.ALONE[1], tmp_path, one_bit.ALL_ONE_BIT,
+                                             f"layout{len(keep_float)}.yaml", keep_float=keep_float)
+        _, model = _build(asr_task, config, token_list)
+        quantized = quantized_modules(model.encoder)
+        assert {m.bits for m in quantized.values()} == {1}
+        assert "embed.conv.2" in quantized
+        assert ("embed.conv.0" in quantized) == (not keep_float)
