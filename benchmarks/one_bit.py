@@ -39,6 +39,10 @@ the co-trained 2-bit teacher starts out trained. On two cores, one process per t
     nice -n 19 .venv/bin/python benchmarks/one_bit.py --exp_dir exp/tiny --max_epoch 22 --skip_nostoch \
         --wide_bits --warm_start
 
+``--all_1bit`` adds the 1-bit model whose encoder is 1-bit everywhere (Conv2d subsampling and conv
+modules too: the only layout that reaches 28x smaller), ``--float_first_conv`` the same with the
+subsampling's first convolution in float; both start from the same model as ``alone_1bit``.
+
 Restartable: finished trainings, decodes and exports are reused. Outputs: ``<exp_dir>/benchmarks/one_bit/``
 (trainings, decodes, exports, scoring) and ``<exp_dir>/benchmarks/one_bit.{md,json}`` +
 ``one_bit_wer_vs_bytes.png``.
@@ -89,7 +93,8 @@ ALONE = {2: CONF_DIR / "train_asr_one_bit_2bit_tiny.yaml", 1: CONF_DIR / "train_
 COTRAIN = CONF_DIR / "train_asr_one_bit_cotrain_tiny.yaml"
 COTRAIN_NOSTOCH = CONF_DIR / "train_asr_one_bit_cotrain_nostoch_tiny.yaml"
 #: the trainings of one run (``--train_only`` choices): fp32, each precision alone, co-trained, ablation,
-#: and (``--all_1bit``) the 1-bit model with nothing in float but biases and norms
+#: and (``--all_1bit``) the 1-bit model with nothing in float but biases and norms (``--float_first_conv``:
+#: and the first convolution)
 TRAININGS = ("fp32", "alone_2bit", "alone_1bit", "co", "nostoch", "alone_1bit_all", "alone_1bit_all_fc")
 #: encoder bit rules of ``alone_1bit_all``: the Conv2d subsampling and the conv modules at 1 bit too,
 #: the only layout whose encoder can reach the issue's 28x (the paper's keeps both wider)
