@@ -21,8 +21,8 @@ What it measures (arXiv 2406.10160's claims, at toy scale):
 Usage (reusing the main job's data, token list, stats and fp32 baseline when compatible)::
 
     nice -n 19 .venv/bin/python benchmarks/nested_supernet.py --exp_dir exp/tiny
-    # and the equal-compute control of 'full' (baseline config, cap 80 epochs, same stopping rule):
-    nice -n 19 .venv/bin/python benchmarks/nested_supernet.py --exp_dir exp/tiny --control_epochs 80
+    # and the equal-compute control of 'full' (baseline config, twice its epoch cap, same stopping rule):
+    nice -n 19 .venv/bin/python benchmarks/nested_supernet.py --exp_dir exp/tiny --control_epochs 160
     # quick check on a fresh, small corpus (a smoke test, not a result):
     nice -n 19 .venv/bin/python benchmarks/nested_supernet.py --exp_dir /tmp/bench_check \\
         --num_train 40 --num_dev 8 --num_test 12 --max_epoch 1

@@ -162,8 +162,9 @@ PROGRAM_START_SECONDS = 15.0
 #: espeak-ng + sox for one synthetic utterance (2 jobs):
 SECONDS_PER_MADE_UTTERANCE = 0.025
 #: one training utterance through one epoch of the tiny Conformer (batches, validation, checkpoints);
-#: measured 0.043 (fp32) to 0.058 (4-bit QAT) with one thread while a second run shared the machine
-SECONDS_PER_TRAINED_UTTERANCE = 0.045
+#: measured 0.018-0.024 for the fp32 baseline with one thread beside a second training, 4-bit QAT
+#: about 1.35x that (the 0.043-0.058 measured earlier had more runs sharing the two cores)
+SECONDS_PER_TRAINED_UTTERANCE = 0.025
 #: one utterance of joint CTC/attention beam search (beam 5), per decoding job:
 SECONDS_PER_DECODED_UTTERANCE = 0.25
 #: feature statistics (front end over train + dev):
