@@ -399,6 +399,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         sig = row.significance["test"]
         m.vs_fp32, m.vs_fp32_p = verdict_text(sig), None if sig is None else sig.p_value
     pairs: List[Tuple[str, str]] = [("alone_1bit", key) for key in all_1bit_configs]
+    if len(all_1bit_configs) == 2:  # what the float first convolution buys
+        pairs.append(("alone_1bit_all", "alone_1bit_all_fc"))
     for key, _ in co_groups:
         pairs += [("alone_2bit", f"{key}_bit2"), ("alone_1bit", f"{key}_bit1")]
     if not args.skip_nostoch:
