@@ -470,10 +470,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         twins[sys_name] = (twin, _twin_experiment(template, bench, exp_dir, twin, cfg, train_args, args.max_epoch,
                                                   args.own_baseline))
 
-    control = None
+    control, control_name = None, f"conformer_{args.control_epochs}ep"
     if args.control_epochs:
         control = dataclasses.replace(
-            template, exp_dir=bench / f"asr_conformer_{args.control_epochs}ep", train_config=BASELINE_CONFIG,
+            template, exp_dir=bench / f"asr_{control_name}", train_config=BASELINE_CONFIG,
             train_args=[*train_args, "--max_epoch", str(args.control_epochs)])
 
     # ---- training: the one pass, then each twin separately (same epochs), then the control
@@ -554,13 +554,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                   for s in systems if s != "full"]
     control_report = None
     if control is not None:
-        name = control.exp_dir.name[len("asr_"):]
-        control_spec = SystemSpec(name, control.decode_dir(), control.exp_dir / control.inference_model,
+        control_spec = SystemSpec(control_name, control.decode_dir(), control.exp_dir / control.inference_model,
                                   build_params(control.exp_dir / "config.yaml"))
         all_specs.append(control_spec)
         full = next(sp for sp in all_specs if sp.name == f"nested_{systems[0]}")
-        table = compare([control_spec, full], name, template.data_dir, ["test"], score_dir / f"full_vs_{name}")
-        control_report = _control_report(name, table, twins["full"][1], control, nested, records, out, suffix)
+        table = compare([control_spec, full], control_name, template.data_dir, ["test"],
+                        score_dir / f"full_vs_{control_name}")
+        control_report = _control_report(control_name, table, twins["full"][1], control, nested, records, out, suffix)
     vs_baseline = compare(all_specs, "conformer", template.data_dir, ["test"], score_dir / "all_vs_fp32")
 
     # ---- storage and training cost
@@ -618,17 +618,17 @@ def _control_report(name: str, table: Any, baseline: AsrExperiment, control: Asr
 
     control_row, full_row = table.rows
     sig = full_row.significance["test"]
-    trained = {}
-    for label, exp, record in (("conformer", baseline, records["conformer"]), (name, control, records["control"]),
-                               ("all-in-one", nested, records["all-in-one"])):
-        summary = training_summary(exp.exp_dir)
-        trained[label] = {"epochs": summary.epochs, "kept_epoch": summary.kept_epoch, "updates": summary.updates,
-                          "wall_seconds": record.seconds, "cpu_seconds": record.cpu_seconds}
-    cap = {label: _configured_epochs(exp.exp_dir / "config.yaml") for label, exp in (("base", baseline), ("ctl", control))}
-    plot = plot_curves({f"conformer (cap {cap['base']})": read_curve(baseline.exp_dir),
-                        f"conformer (cap {cap['ctl']}, equal compute)": read_curve(control.exp_dir),
+    runs = {"conformer": (baseline, records["conformer"]), name: (control, records["control"]),
+            "all-in-one": (nested, records["all-in-one"])}
+    summaries = {label: training_summary(exp.exp_dir) for label, (exp, _) in runs.items()}
+    trained = {label: {"epochs": summary.epochs, "kept_epoch": summary.kept_epoch, "updates": summary.updates,
+                       "wall_seconds": runs[label][1].seconds, "cpu_seconds": runs[label][1].cpu_seconds}
+               for label, summary in summaries.items()}
+    base_rule, control_rule = summaries["conformer"].rule, summaries[name].rule
+    plot = plot_curves({f"conformer (cap {base_rule.max_epoch})": read_curve(baseline.exp_dir),
+                        f"conformer (cap {control_rule.max_epoch}, equal compute)": read_curve(control.exp_dir),
                         "all-in-one (largest system)": read_curve(nested.exp_dir)},
-                       out / f"nested_supernet{suffix}_dev_acc.png", training_summary(control.exp_dir).rule)
+                       out / f"nested_supernet{suffix}_dev_acc.png", control_rule)
     return {"control": name, "control_wer": control_row.wer["test"].wer, "full_wer": full_row.wer["test"].wer,
             "verdict": verdict_text(sig), "p_value": None if sig is None else sig.p_value, "trained": trained,
             "plot": str(plot)}
