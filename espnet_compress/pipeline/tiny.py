@@ -162,9 +162,10 @@ PROGRAM_START_SECONDS = 15.0
 #: espeak-ng + sox for one synthetic utterance (2 jobs):
 SECONDS_PER_MADE_UTTERANCE = 0.025
 #: one training utterance through one epoch of the tiny Conformer (batches, validation, checkpoints);
-#: measured 0.018-0.024 for the fp32 baseline with one thread beside a second training, 4-bit QAT
-#: about 1.35x that (the 0.043-0.058 measured earlier had more runs sharing the two cores)
-SECONDS_PER_TRAINED_UTTERANCE = 0.025
+#: measured 0.0149 for the fp32 baseline and 0.0145 for its 4-bit QAT fine-tune running alone with
+#: the default threads (a newcomer's main job, 2026-12-05); 0.018-0.024 with one thread beside a
+#: second training
+SECONDS_PER_TRAINED_UTTERANCE = 0.015
 #: one utterance of joint CTC/attention beam search (beam 5), per decoding job:
 SECONDS_PER_DECODED_UTTERANCE = 0.25
 #: feature statistics (front end over train + dev):
@@ -318,8 +319,9 @@ def _run_plan(plan: Sequence[PlannedStage], out: Path) -> List[Stage]:
     """Run the stages in order, logging the expected total first and ``stage i/N`` progress with
     the elapsed time and the expected time left (finished stages are skipped in seconds, so on a
     rerun the time left drops as they pass)."""
-    log.info("main job in %s: %d stages, expected about %s for a fresh run on a 2-core CPU "
-             "(stages whose outputs exist are skipped)", out, len(plan), _minutes(sum(p.expected_seconds for p in plan)))
+    log.info("main job in %s: %d stages, expected at most about %s for a fresh run on a 2-core CPU "
+             "(every training to its epoch cap; the stopping rule usually ends the baseline sooner; "
+             "stages whose outputs exist are skipped)", out, len(plan), _minutes(sum(p.expected_seconds for p in plan)))
     start = time.perf_counter()
     stages: List[Stage] = []
     for i, planned in enumerate(plan, start=1):
